@@ -1,0 +1,475 @@
+"""evaluate.py: harness-exact multiple choice (fast path and fallback), aggregation, MUSE metrics, CLI.
+
+Tiny random Llama models (model.py) with tokenizers trained here; the harness's way is recomputed independently
+(one full sequence per choice, lm-eval's context/continuation split, full log-softmax over every position)."""
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import evaluate as E  # noqa: E402
+from model import ModelConfig, Transformer, load_tokenizer  # noqa: E402
+
+WORDS = ("alpha beta gamma delta omega river stone cloud metal glass paper tiger eagle salmon maple cedar "
+         "copper silver carbon sodium virus enzyme protein kernel socket packet cipher buffer router").split()
+MMLU_SUBJECTS = ["anatomy", "college_biology", "philosophy", "virology"]  # stem, stem, humanities, other
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+def make_questions(n, seed, subjects=None, long_idx=None):
+    rng = random.Random(seed)
+    qs = []
+    for i in range(n):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "?"
+        if i == long_idx:
+            q = " ".join(rng.choice(WORDS) for _ in range(150)) + "?"
+        choices = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))) for _ in range(4)]
+        item = dict(question="  " + q + " ", choices=choices, answer=rng.randrange(4))
+        if subjects:
+            item["subject"] = subjects[i % len(subjects)]
+        qs.append(item)
+    return qs
+
+
+def write_jsonl(path, rows):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_tokenizer(out_dir, kind):
+    """kind 'word': one token per space-separated word (letters ' A'..' D' are single tokens, the fast path);
+    kind 'char': one token per character (' A' is two tokens: the fallback path). BOS from tokenizer_config."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = []
+    for subj in MMLU_SUBJECTS + [None, "biology"]:
+        for q in make_questions(8, 1, [subj] if subj else None):
+            ctx = E.mc_prompt(q["question"], q["choices"], subj)
+            corpus += [ctx + " " + x for x in "ABCD"]
+    corpus += ["Question: " + " ".join(WORDS) + "\nAnswer: " + " ".join(WORDS) + "\n\n"]
+    specials = ["<unk>", "<s>", "</s>"]
+    if kind == "word":
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                     pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    else:
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(dict(
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True, add_eos_token=False)))
+    return out_dir
+
+
+def make_model(tmp_path, kind="word", max_pos=128, seed=0):
+    """A random 2-layer Llama (GQA) saved with its tokenizer -> (dir, model, tokenizer)."""
+    tok_dir = train_tokenizer(tmp_path / f"tok_{kind}", kind)
+    tok = load_tokenizer(tok_dir)
+    cfg = ModelConfig(vocab_size=max(tok.vocab_size, 320), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=max_pos, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    m = Transformer(cfg)
+    with torch.no_grad():  # larger residual updates and logits: predictions depend on the question, no near-ties
+        for n, p in m.named_parameters():
+            if n.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(16.0)
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+        m.lm_head.weight.mul_(8.0)
+    path = m.save_pretrained(tmp_path / f"model_{kind}", tokenizer_dir=tok_dir)
+    return path, Transformer.from_pretrained(path).eval(), load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("word"), "word")
+
+
+@pytest.fixture(scope="module")
+def char_model(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("char"), "char", max_pos=512)
+
+
+# ----------------------------------------------------------------------------------------------- the harness's way
+
+def harness_reference(model, tok, items, topic=None):
+    """lm-eval HFLM, one request per choice, written out independently: _encode_pair (trailing whitespace of the
+    context moves to the continuation; cont = encode(ctx + cont)[len(encode(ctx)):]), input (ctx + cont)[:-1],
+    full logits, log_softmax over every position, sum over the continuation's positions."""
+    out = []
+    for it in items:
+        desc = ("The following are multiple choice questions (with answers) about "
+                f"{(topic or it.get('subject')).replace('_', ' ')}.\n\n" if (topic or it.get("subject")) else
+                "The following are multiple choice questions (with answers).\n\n")
+        context = desc + it["question"].strip() + "".join(f"\n{L}. {c}" for L, c in zip("ABCD", it["choices"])) + "\nAnswer:"
+        lls = []
+        for letter in "ABCD":
+            ctx_s, cont_s = context, " " + letter
+            n = len(ctx_s) - len(ctx_s.rstrip())
+            if n:
+                ctx_s, cont_s = ctx_s[:-n], ctx_s[-n:] + cont_s
+            whole, ctx = tok.encode(ctx_s + cont_s), tok.encode(ctx_s)
+            cont = whole[len(ctx):]
+            inp = torch.tensor([(ctx + cont)[:-1]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(inp).float(), dim=-1)[0]        # (T, V)
+            lls.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+        out.append(lls)
+    return out
+
+
+def test_mc_prompt_is_lm_evals():
+    p = E.mc_prompt("  What is 2+2? \n", ["3", "4", "5", "6"], "college_biology")
+    assert p == ("The following are multiple choice questions (with answers) about college biology.\n\n"
+                 "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert E.mc_prompt("Q", list("abcd"), "biology").startswith(
+        "The following are multiple choice questions (with answers) about biology.\n\nQ\nA. a")
+    with pytest.raises(E.EvalError):
+        E.mc_prompt("Q", ["a", "b"], None)
+
+
+def test_encode_pair_moves_trailing_space():
+    class Chars:
+        def encode(self, text, add_special_tokens=True):
+            return [1] + [ord(c) for c in text]
+    ctx, cont = E.encode_pair(Chars(), "Answer: ", "A")
+    assert ctx == [1] + [ord(c) for c in "Answer:"] and cont == [ord(" "), ord("A")]
+
+
+def test_fast_path_matches_harness(word_model):
+    _, model, tok = word_model
+    items = make_questions(12, 2, MMLU_SUBJECTS)
+    reqs = E.mc_requests(tok, items)
+    assert all(r["fast"] for r in reqs)  # one forward per question
+    ours = E.mc_loglikelihoods(model, tok, items, batch_size=5)
+    ref = harness_reference(model, tok, items)
+    assert [E.argmax_first(x) for x in ours] == [E.argmax_first(x) for x in ref]
+    assert max(abs(a - b) for x, y in zip(ours, ref) for a, b in zip(x, y)) < 1e-4
+    # batching / padding do not change the scores; a fixed topic is the description
+    for kw in (dict(batch_size=1), dict(batch_tokens=150), dict(batch_tokens=1)):
+        again = E.mc_loglikelihoods(model, tok, items, **kw)
+        assert max(abs(a - b) for x, y in zip(ours, again) for a, b in zip(x, y)) < 1e-5
+    topic = E.mc_loglikelihoods(model, tok, items[:3], topic="biology")
+    ref_t = harness_reference(model, tok, items[:3], topic="biology")
+    assert max(abs(a - b) for x, y in zip(topic, ref_t) for a, b in zip(x, y)) < 1e-4
+
+
+def test_fallback_path_matches_harness(char_model):
+    _, model, tok = char_model
+    items = make_questions(6, 3, None)
+    reqs = E.mc_requests(tok, items)
+    assert not any(r["fast"] for r in reqs) and all(len(c) == 2 for r in reqs for c in r["conts"])
+    ours = E.mc_loglikelihoods(model, tok, items, batch_size=7)
+    ref = harness_reference(model, tok, items)
+    assert [E.argmax_first(x) for x in ours] == [E.argmax_first(x) for x in ref]
+    assert max(abs(a - b) for x, y in zip(ours, ref) for a, b in zip(x, y)) < 1e-4
+
+
+def test_fallback_when_whole_does_not_extend_context(word_model):
+    """A tokenizer that merges across the context/continuation boundary: one continuation token, but the whole
+    text's tokens do not start with the context's. The harness scores cont = whole[len(ctx):] after ctx; so do we."""
+    _, model, _ = word_model
+
+    class Merging:
+        pad_token_id, eos_token_id = 0, 2
+
+        def encode(self, text, add_special_tokens=True):
+            ids, i = [1], 0
+            while i < len(text):
+                if text.startswith(": A", i):
+                    ids += [301, 65]
+                    i += 3
+                else:
+                    ids.append(3 + ord(text[i]) % 290)
+                    i += 1
+            return ids
+    tok = Merging()
+    items = make_questions(3, 4, None)
+    reqs = E.mc_requests(tok, items)
+    assert not any(r["fast"] for r in reqs)
+    ours = E.mc_loglikelihoods(model, tok, items)
+    ref = harness_reference(model, tok, items)
+    assert max(abs(a - b) for x, y in zip(ours, ref) for a, b in zip(x, y)) < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+def test_acc_stderr_is_lm_evals():
+    accs = [1.0, 0.0, 1.0, 1.0]
+    assert E.mean_stderr(accs) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))
+    assert E.mean_stderr([1.0]) is None
+    r = E.aggregate_mc(accs)
+    assert r == dict(acc=0.75, acc_stderr=pytest.approx(0.25), n=4)
+
+
+def test_mmlu_weighted_aggregation_and_subjects():
+    rng = random.Random(0)
+    sizes = {"anatomy": 7, "college_biology": 3, "philosophy": 11, "virology": 5}
+    subjects = [s for s, n in sizes.items() for _ in range(n)]
+    accs = [float(rng.random() < 0.5) for _ in subjects]
+    r = E.aggregate_mc(accs, subjects)
+    assert r["n"] == 26 and r["acc"] == pytest.approx(sum(accs) / 26)  # size-weighted = sample mean
+    per = {s: [a for a, t in zip(accs, subjects) if t == s] for s in sizes}
+    for s, v in per.items():
+        assert r["subjects"][s]["acc"] == pytest.approx(sum(v) / len(v)) and r["subjects"][s]["n"] == len(v)
+        assert r["subjects"][s]["acc_stderr"] == pytest.approx(
+            math.sqrt(sum((x - sum(v) / len(v)) ** 2 for x in v) / (len(v) - 1)) / math.sqrt(len(v)))
+
+    def pooled(ses, ns):  # lm-eval pooled_sample_stderr
+        return math.sqrt(sum((n - 1) * se ** 2 * n for se, n in zip(ses, ns)) / (sum(ns) - len(ns)) / sum(ns))
+    stem = ["anatomy", "college_biology"]
+    stem_se = pooled([r["subjects"][s]["acc_stderr"] for s in stem], [sizes[s] for s in stem])
+    assert set(r["categories"]) == {"stem", "humanities", "other"}
+    assert r["categories"]["stem"]["acc_stderr"] == pytest.approx(stem_se)
+    assert r["categories"]["stem"]["acc"] == pytest.approx(sum(sum(per[s]) for s in stem) / 10)
+    cats = r["categories"]
+    assert r["acc_stderr"] == pytest.approx(pooled([c["acc_stderr"] for c in cats.values()],
+                                                   [c["n"] for c in cats.values()]))
+    # subjects that are not MMLU's: one level, pooled over subjects
+    r2 = E.aggregate_mc([1.0, 0.0, 1.0, 0.0, 0.0], ["x", "x", "y", "y", "y"])
+    assert "categories" not in r2 and r2["acc"] == pytest.approx(0.4)
+    assert r2["acc_stderr"] == pytest.approx(pooled([r2["subjects"]["x"]["acc_stderr"],
+                                                     r2["subjects"]["y"]["acc_stderr"]], [2, 3]))
+
+
+def test_argmax_first_like_numpy():
+    assert E.argmax_first([-1.0, -0.5, -0.5, -2.0]) == 1
+
+
+def test_roc_auc():
+    assert E.roc_auc([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.75)
+    assert E.roc_auc([1, 2], [2, 3]) == pytest.approx(3.5 / 4)  # ties count one half
+    rng = random.Random(1)
+    neg = [rng.randint(0, 9) for _ in range(40)]
+    pos = [rng.randint(3, 12) for _ in range(31)]
+    brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (40 * 31)
+    assert E.roc_auc(neg, pos) == pytest.approx(brute)
+    with pytest.raises(E.EvalError):
+        E.roc_auc([], [1.0])
+
+
+# ----------------------------------------------------------------------------------------------- ROUGE-L
+
+def test_rouge_l_hand_values():
+    r = E.rouge_l("the cat sat on the mat", "the cat on the mat")
+    assert r["precision"] == 1.0 and r["recall"] == pytest.approx(5 / 6)
+    assert r["fmeasure"] == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
+    assert E.rouge_l_f1("The Cat, sat!", "the cat sat") == 1.0           # lowercase, punctuation dropped
+    assert E.rouge_l_f1("police killed the gunman", "the gunman kills police") == pytest.approx(0.5)  # LCS 2
+    assert E.rouge_l_f1("", "anything") == 0.0 and E.rouge_l_f1("a b", "c d") == 0.0
+    assert E.rouge_tokenize("Café au-lait, 2024's") == ["caf", "au", "lait", "2024", "s"]  # no stemming
+
+
+def test_rouge_l_against_rouge_score_if_installed():
+    rs = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rs.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(0)
+    for _ in range(50):
+        a = " ".join(rng.choice(WORDS + ["The", "cat,", "runs!"]) for _ in range(rng.randint(0, 15)))
+        b = " ".join(rng.choice(WORDS + ["the", "Cat", "running"]) for _ in range(rng.randint(0, 15)))
+        assert E.rouge_l_f1(a, b) == pytest.approx(scorer.score(a, b)["rougeL"].fmeasure)
+
+
+def test_knowmem_prompt_and_cut():
+    icl = [dict(question="Q1?", answer="A1"), dict(question="Q2?", answer="A2")]
+    assert E.knowmem_prompt("Q3?", icl) == "Question: Q1?\nAnswer: A1\n\nQuestion: Q2?\nAnswer: A2\n\nQuestion: Q3?\nAnswer: "
+    assert E.cut_answer("Paris\n\nQuestion: x") == "Paris"
+    assert E.cut_answer("Paris is big\nQuestion: y") == "Paris is big"
+    assert E.cut_answer("Paris Question: z") == "Paris "
+
+
+def test_clean_up_tokenization_like_transformers():
+    assert E.clean_up_tokenization("I do n't know , he 's here .") == "I don't know, he's here."
+
+
+def test_min_k():
+    assert E.min_k_score([-1.0, -5.0, -0.1, -3.0, -2.0]) == pytest.approx(4.0)  # int(0.4 * 5) = 2 lowest: -5, -3
+    assert E.min_k_score([-2.0]) == pytest.approx(2.0)  # at least one token
+
+
+# ----------------------------------------------------------------------------------------------- text scoring
+
+def test_token_logprobs_and_perplexity(word_model):
+    _, model, tok = word_model
+    texts = ["alpha beta gamma delta", "river stone", "cloud metal glass paper tiger eagle salmon"]
+    lps = E.token_logprobs(model, tok, texts, batch_size=2)
+    by_tokens = E.token_logprobs(model, tok, texts, batch_tokens=12)  # one text per forward here
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(by_tokens, lps))
+    total, n = 0.0, 0
+    for t, lp in zip(texts, lps):
+        ids = tok.encode(t)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])), -1)[0]
+        ref = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+        assert len(lp) == len(ref) and max(abs(a - b) for a, b in zip(lp, ref)) < 1e-4
+        total, n = total + sum(ref), n + len(ref)
+    assert E.perplexity(model, tok, texts) == pytest.approx(math.exp(-total / n), rel=1e-4)
+
+
+def test_generation_batched_equals_single(word_model):
+    _, model, tok = word_model
+    prompts = ["alpha beta", "river stone cloud metal glass", "copper"]
+    batched = E.generate_texts(model, tok, prompts, 6, batch_size=3)
+    single = [E.generate_texts(model, tok, [p], 6)[0] for p in prompts]
+    assert batched == single
+
+
+# ----------------------------------------------------------------------------------------------- tasks, CLI, errors
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    write_jsonl(d / "toy_hazard.jsonl", make_questions(10, 5, None, long_idx=3))
+    write_jsonl(d / "toy_general.jsonl", make_questions(16, 6, MMLU_SUBJECTS))
+    write_jsonl(d / "extra_set.jsonl", make_questions(5, 7, ["x_y"]))
+    muse = d / "muse" / "news"
+    rng = random.Random(8)
+    sent = lambda k: " ".join(rng.choice(WORDS) for _ in range(k))
+    write_jsonl(muse / "verbmem_forget.jsonl", [dict(prompt=sent(12), gt=sent(20)) for _ in range(4)])
+    for split in ("forget", "retain"):
+        write_jsonl(muse / f"knowmem_{split}_qa.jsonl", [dict(question=sent(5) + "?", answer=sent(2)) for _ in range(3)])
+        write_jsonl(muse / f"knowmem_{split}_qa_icl.jsonl", [dict(question=sent(5) + "?", answer=sent(2)) for _ in range(2)])
+    for split in ("forget", "holdout"):
+        write_jsonl(muse / f"privleak_{split}.jsonl", [dict(text=sent(rng.randint(5, 30))) for _ in range(6)])
+    return d
+
+
+def test_evaluate_tasks_structure_and_limits(word_model, data_dir):
+    _, model, tok = word_model
+    out = E.evaluate_tasks(model, tok, data_dir, "toy_hazard,toy_general," + str(data_dir / "extra_set.jsonl"),
+                           batch_size=4, progress=False)
+    r = out["results"]
+    assert set(r) == {"toy_hazard", "toy_general", "extra_set"}
+    assert r["toy_hazard"]["n"] == 10 and r["toy_hazard"]["too_long"] == [3]  # reported, not cut
+    assert set(r["toy_general"]["subjects"]) == set(MMLU_SUBJECTS) and "categories" in r["toy_general"]
+    s = out["samples"]["toy_general"]
+    assert len(s) == 16 and len(s[0]["loglikelihoods"]) == 4 and s[0]["subject"] in MMLU_SUBJECTS
+    assert r["toy_general"]["acc"] == pytest.approx(sum(x["acc"] for x in s) / 16)
+    assert r["toy_general"]["fast_path"] == 16 and out["throughput"]["toy_general"] > 0
+    # the harness's way on a whole task
+    items = E.load_mc_task("toy_general", data_dir)[1]
+    ref = harness_reference(model, tok, items)
+    assert [x["pred"] for x in s] == [E.argmax_first(x) for x in ref]
+    # --limit: first N overall, or per subject when questions carry subjects (MMLU)
+    lim = E.evaluate_tasks(model, tok, data_dir, ["toy_hazard", "toy_general"], limit=2, progress=False)
+    assert lim["results"]["toy_hazard"]["n"] == 2 and lim["results"]["toy_general"]["n"] == 8
+    assert all(v["n"] == 2 for v in lim["results"]["toy_general"]["subjects"].values())
+
+
+def test_bad_inputs_one_line_errors(word_model, data_dir, tmp_path):
+    _, model, tok = word_model
+    for tasks, words in ((["nope"], "unknown task"), ([str(tmp_path / "missing.jsonl")], "missing"),
+                         (["wmdp_bio"], "wmdp_bio.jsonl"), ([], "at least one")):
+        with pytest.raises(E.EvalError) as e:
+            E.evaluate_tasks(model, tok, data_dir, tasks, progress=False)
+        assert words in str(e.value) and "\n" not in str(e.value)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [dict(question="q", choices=["a", "b"], answer=0)])
+    with pytest.raises(E.EvalError) as e:
+        E.evaluate_tasks(model, tok, data_dir, [str(bad)], progress=False)
+    assert "bad.jsonl" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--model", str(tmp_path / "nomodel"), "--data", str(data_dir), "--out", str(tmp_path / "r.json")])
+    assert "error:" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_cli_writes_results_json(word_model, data_dir, tmp_path, capsys):
+    path, _, _ = word_model
+    out = tmp_path / "res" / "results.json"
+    E.main(["--model", str(path), "--data", str(data_dir), "--tasks", "toy_hazard,toy_general",
+            "--out", str(out), "--batch-size", "8", "--no-progress"])
+    rec = json.loads(out.read_text())
+    assert set(rec["results"]) == {"toy_hazard", "toy_general"}
+    assert rec["dtype"] == "float32" and rec["model"] == str(path)
+    assert {"versions", "args", "started"} <= set(rec["run"]) and rec["throughput"]["toy_hazard"] > 0
+    assert "toy_general: acc" in capsys.readouterr().out
+    assert not list(out.parent.glob(".*tmp*"))  # atomic write left nothing behind
+
+
+def test_muse_metrics(word_model, data_dir):
+    _, model, tok = word_model
+    out = E.evaluate_tasks(model, tok, data_dir, ["muse_news"], batch_size=3, progress=False)
+    r = out["results"]["muse_news"]
+    for k in ("verbmem_f", "knowmem_f", "knowmem_r"):
+        assert 0.0 <= r[k] <= 100.0
+    assert r["n_verbmem_f"] == 4 and r["n_knowmem_f"] == 3 and r["auc_retrain"] == E.AUC_RETRAIN["muse_news"]
+    f, h = out["samples"]["muse_news"]["privleak"]["mink_forget"], out["samples"]["muse_news"]["privleak"]["mink_holdout"]
+    assert r["auc_forget_holdout"] == pytest.approx(E.roc_auc([-x for x in f], [-x for x in h]))
+    assert r["privleak"] == pytest.approx((r["auc_forget_holdout"] - r["auc_retrain"]) / r["auc_retrain"] * 100)
+    # VerbMem by hand for one item: greedy 128 tokens vs the ground truth cut to 128 tokens
+    import data
+    vm = data.read_muse(data_dir / "muse" / "news", ["verbmem_forget"])["verbmem_forget"][0]
+    new = model.generate([tok.encode(vm["prompt"])], 128, tok.eos_token_id, tok.pad_token_id)[0]
+    f1 = E.rouge_l_f1(tok.decode(tok.encode(vm["gt"])[:128]), tok.decode(new))  # (no clean-up needed here)
+    assert out["samples"]["muse_news"]["verbmem_f"][0]["rougeL_f1"] == pytest.approx(f1)
+    with pytest.raises(E.EvalError):
+        E.evaluate_tasks(model, tok, data_dir, ["muse_books"], progress=False)  # no such dir
+
+
+def test_bench_emulation_matches_ours_and_transformers(word_model):
+    """The harness's HF path as bench-eval emulates it (grouped contexts, fp32 log-softmax over all positions),
+    run on transformers' own Llama built from the same checkpoint: same predictions and scores as ours."""
+    transformers = pytest.importorskip("transformers")
+    path, model, tok = word_model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    items = make_questions(10, 9, MMLU_SUBJECTS)
+    ref = E.harness_hf_loglikelihoods(hf, tok, items, batch_size=4)
+    ours = E.mc_loglikelihoods(model, tok, items, batch_size=3)
+    assert [E.argmax_first(x) for x in ours] == [E.argmax_first(x) for x in ref]
+    assert max(abs(a - b) for x, y in zip(ours, ref) for a, b in zip(x, y)) < 1e-4
+
+
+def test_bench_runs_end_to_end_on_cpu(word_model, data_dir, tmp_path):
+    """bench-eval's whole flow (CPU here; the CLI insists on CUDA): ours vs the harness path, same predictions."""
+    pytest.importorskip("transformers")
+    path, _, _ = word_model
+    import argparse
+    args = argparse.Namespace(model=str(path), data=str(data_dir), tasks="toy_hazard,toy_general", limit=3,
+                              batch_size=4, batch_tokens=300, dtype=None, bos=None, ll_dtype="model",
+                              out=str(tmp_path / "r.json"))
+    rep = E.bench(args, device="cpu")
+    assert set(rep["tasks"]) == {"toy_hazard", "toy_general"}
+    for r in rep["tasks"].values():
+        assert r["identical_predictions"] == r["n"] and r["acc_ours"] == r["acc_harness"]
+        assert r["max_abs_ll_diff"] < 1e-4 and r["ours_qps"] > 0 and r["harness_qps"] > 0
+    assert json.loads((tmp_path / "bench_eval.json").read_text())["tasks"]["toy_hazard"]["n"] == 3
+
+
+def test_bench_refuses_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        E.main(["--bench"])
+    assert "CUDA" in str(e.value.code)
+
+
+def test_bf16_log_likelihoods_rounded_like_the_harness(word_model):
+    """A bf16 model: lm-eval with transformers >= 4.46 log-softmaxes bf16 logits (no upcast), so its scores are
+    bf16 numbers; ll_dtype='model' reproduces that, ll_dtype='float32' keeps fp32 log-probs."""
+    path, _, tok = word_model
+    model = Transformer.from_pretrained(path, dtype=torch.bfloat16).eval()
+    items = make_questions(6, 11, MMLU_SUBJECTS)
+    ours = E.mc_loglikelihoods(model, tok, items, batch_size=1)
+    fp32 = E.mc_loglikelihoods(model, tok, items, batch_size=1, ll_dtype="float32")
+    for it, row, row32 in zip(items, ours, fp32):
+        ctx = E.mc_requests(tok, [it])[0]
+        with torch.no_grad():
+            logits = model(torch.tensor([ctx["ctx"]])).to(torch.bfloat16)[0, -1]   # HF's bf16 lm_head output
+        ref = torch.log_softmax(logits, dim=-1)                                     # bf16, as the harness
+        for v, v32, c in zip(row, row32, ctx["conts"]):
+            assert v == ref[c[0]].float().item()                                    # bit-identical
+            assert abs(v - v32) <= 2 ** -7 * max(1.0, abs(v32)) and torch.tensor(v).to(torch.bfloat16).item() == v
+    with pytest.raises(E.EvalError):
+        E.mc_loglikelihoods(model, tok, items[:1], ll_dtype="float16")
