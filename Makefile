@@ -56,5 +56,62 @@ fetch: $(STAMP)
 bench: $(STAMP)
 	$(PY) kernels/bench.py
 
+# questions/s, ours vs the harness's Hugging Face path, same weights and questions (GPU; LIMIT per task/subject)
+LIMIT ?= 50
 bench-eval: $(STAMP)
-	$(PY) evaluate.py --bench --model $(MODEL_DIR) --data $(DATA_DIR)
+	$(PY) evaluate.py --bench --model $(MODEL_DIR) --data $(DATA_DIR) --tasks $(WMDP_TASKS) --limit $(LIMIT)
+
+# --- unlearning (unlearn.py; owner: issue 4) -----------------------------------------------------
+# make wmdp-rmu RATIO=0.05 [MODEL=DIR DATA=DIR SELECT=random SEED=0 STEPS=N UNLEARN_FLAGS="--lr 1e-5 ..."]
+# SELECT=random draws the coreset inside unlearn.py (--ratio); any other SELECT runs coreset.py first.
+# Each run writes $(OUT)/<target>-<select>-r<ratio>-s<seed>/{run.json,model/} and prints the before/after table.
+UNLEARN_FLAGS ?=
+UNLEARN_RUN    = $(OUT)/$@-$(SELECT)-r$(RATIO)-s$(SEED)
+MUSE_FORGET   := $(DATA)/muse/news/raw_forget.jsonl
+MUSE_RETAIN   := $(DATA)/muse/news/raw_retain1.jsonl
+# $(call unlearn,METHOD,FORGET,RETAIN,TASKS,EXTRA FLAGS)
+define unlearn
+	@mkdir -p $(UNLEARN_RUN)
+	@if [ "$(SELECT)" != "random" ]; then \
+	  echo "+ coreset.py --method $(SELECT) --ratio $(RATIO) --seed $(SEED)"; \
+	  $(PY) coreset.py --method $(SELECT) --model $(MODEL_DIR) --forget $(2) --ratio $(RATIO) --seed $(SEED) \
+	    --out $(UNLEARN_RUN)/coreset.jsonl || exit $$?; fi
+	$(PY) unlearn.py --method $(1) --model $(MODEL_DIR) --forget $(2) --retain $(3) \
+	  $(if $(filter random,$(SELECT)),--ratio $(RATIO),--coreset $(UNLEARN_RUN)/coreset.jsonl) \
+	  --seed $(SEED) $(STEPS_FLAG) --data $(DATA_DIR) --eval-tasks $(4) --out $(UNLEARN_RUN) $(5) $(UNLEARN_FLAGS)
+endef
+
+wmdp-rmu: $(STAMP)
+	$(call unlearn,rmu,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),)
+
+wmdp-npo: $(STAMP)
+	$(call unlearn,npo,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),--npo-mean-tokens)
+
+muse-npo: $(STAMP)
+	@if [ -z "$(DATA)" ]; then echo "muse-npo: needs DATA=DIR holding muse/news (get it with make fetch DATA=DIR) and MODEL=the MUSE News target model; the embedded toy has no MUSE data (try make wmdp-npo)" >&2; exit 2; fi
+	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),muse_news,--chunk-tokens 2048 --forget-max-len 2048 --retain-max-len 2048 --grad-accum 8)
+
+bench-unlearn: $(STAMP)
+	$(PY) unlearn.py --bench
+
+# --- coreset sweep (coreset.py sweep: select, unlearn, evaluate per cell; table + plot; reruns skip finished cells)
+#   make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2" [MODEL= DATA= STEPS=]
+#     -> $(OUT)/sweep-<method>-<select>/results.{md,json,png}
+#   make sweep-select METHOD=rmu RATIO=0.05 SELECTS="random loss zlib mink minkpp grand moderate" SEEDS="0 1 2"
+#     -> $(OUT)/sweep-select-<method>-r<ratio>/results.{md,json,png}
+# SWEEP_FLAGS adds coreset.py sweep flags (e.g. --docs docs/coreset_sweep, --keep-models, --select-args "...").
+METHOD  ?= rmu
+RATIOS  ?= 0.01 0.05 0.1 0.2 1.0
+SEEDS   ?= 0 1 2
+SELECTS ?= random loss zlib mink minkpp grand moderate
+SWEEP_FLAGS ?=
+SWEEP_UNLEARN = $(strip $(if $(filter npo,$(METHOD)),--npo-mean-tokens,) $(UNLEARN_FLAGS))
+SWEEP_COMMON = --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
+  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" $(STEPS_FLAG) \
+  $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
+
+sweep: $(STAMP)
+	$(PY) coreset.py sweep $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)
+
+sweep-select: $(STAMP)
+	$(PY) coreset.py sweep $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)

@@ -1,0 +1,478 @@
+"""unlearn.py on tiny random models: RMU against hand computations and a naive two-model implementation, NPO and
+relatives against their formulas, coreset semantics, failure modes, and the make target on the embedded toy."""
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import unlearn as U
+from model import ModelConfig, Transformer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "the quick brown fox jumps over lazy dog answer alpha beta gamma delta river stone".split()
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels' fast chunked PyTorch path on CPU
+
+
+def make_tokenizer(path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
+                                                       special_tokens=[("<s>", 0)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                            "add_bos_token": True}))
+    return tok.get_vocab_size()
+
+
+def write_corpus(path, n, seed, lo=3, hi=30):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 4-layer random Llama (GQA) with a byte-level BPE tokenizer, two forget corpora and a retain corpus."""
+    root = tmp_path_factory.mktemp("tiny")
+    V = make_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, bos_token_id=0, eos_token_id=1)
+    m = Transformer(cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    m.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    return dict(root=root, model=str(root / "model"), forget=write_corpus(root / "forget_a.jsonl", 30, 1),
+                forget2=write_corpus(root / "forget_b.jsonl", 11, 2), retain=write_corpus(root / "retain.jsonl", 40, 3))
+
+
+def args_for(tiny, out, *extra, method="rmu"):
+    base = ["--method", method, "--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"],
+            "--out", str(out), "--no-progress", "--eval-tasks", "none", "--seed", "0"]
+    if method == "rmu":
+        base += ["--layer-id", "2", "--layer-ids", "1,2"]
+    return U.build_parser().parse_args(base + list(extra))
+
+
+def load_state(path):
+    return Transformer.from_pretrained(path).state_dict()
+
+
+# ----------------------------------------------------------------------------------------------- RMU
+
+def test_rmu_changes_only_chosen_matrices(tiny, tmp_path):
+    rec = U.run(args_for(tiny, tmp_path / "o", "--steps", "3", "--lr", "1e-2"))
+    before, after = load_state(tiny["model"]), load_state(tmp_path / "o" / "model")
+    chosen = {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+    assert set(rec["trained_params"]) == chosen
+    for k in before:
+        if k in chosen:
+            assert not torch.equal(before[k], after[k]), k
+        else:
+            assert torch.equal(before[k], after[k]), f"{k} changed"
+    # the checkpoint is a complete HF-layout directory with the tokenizer
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "o" / "model").iterdir()}
+    saved = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert saved["loss"] == rec["loss"] and len(rec["loss"]) == 3 and saved["coreset"]["source"] == "all"
+
+
+def naive_acts(model, ids, mask, layer):
+    """Residual stream after `layer`, from a full forward (logits and all) with a hook: the reference's way."""
+    grab = []
+    h = model.model.layers[layer].register_forward_hook(lambda mod, i, o: grab.append(o))
+    model(ids, mask)
+    h.remove()
+    return grab[0]
+
+
+def left_batch(tok, texts, max_len):
+    seqs = [tok.encode(t)[:max_len] for t in texts]
+    return U.pad_batch(seqs, tok.eos_token_id, "left")
+
+
+def test_rmu_step_losses_equal_hand_computation(tiny, tmp_path):
+    """Steps 0 and 1 of run() against an explicit two-model computation: control vector, left-padded EOS batches,
+    unmasked MSE, and one transformers-style AdamW step by hand."""
+    coeff, alpha, lr, eps = 3.0, 50.0, 1e-3, 1e-6
+    rec = U.run(args_for(tiny, tmp_path / "o", "--steps", "2", "--lr", str(lr), "--steering-coeffs", str(coeff),
+                         "--alpha", str(alpha), "--batch-size", "3", "--no-save"))
+    tok = load_tokenizer(tiny["model"])
+    from data import read_corpus
+    fdocs, rdocs = read_corpus(tiny["forget"]), read_corpus(tiny["retain"])
+    upd = Transformer.from_pretrained(tiny["model"])
+    frozen = Transformer.from_pretrained(tiny["model"])
+    u = torch.rand(1, 1, 32, generator=torch.Generator().manual_seed(0))
+    c = coeff * u / u.norm()
+    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    params = [dict(upd.named_parameters())[n] for n in names]
+
+    def loss_at(k):
+        fi, fm = left_batch(tok, fdocs[3 * k:3 * k + 3], 512)
+        ri, rm = left_batch(tok, rdocs[3 * k:3 * k + 3], 512)
+        af, ar = naive_acts(upd, fi, fm, 2), naive_acts(upd, ri, rm, 2)
+        with torch.no_grad():
+            ar0 = naive_acts(frozen, ri, rm, 2)
+        return ((af - c) ** 2).mean() + alpha * ((ar - ar0) ** 2).mean()
+
+    l0 = loss_at(0)
+    assert rec["loss"][0] == pytest.approx(l0.item(), rel=1e-5)
+    grads = torch.autograd.grad(l0, params)
+    with torch.no_grad():  # transformers.AdamW, step 1: m = 0.1 g, v = 0.001 g^2
+        for p, g in zip(params, grads):
+            m, v = 0.1 * g, 0.001 * g * g
+            p -= lr * math.sqrt(0.001) / 0.1 * m / (v.sqrt() + eps)
+    assert rec["loss"][1] == pytest.approx(loss_at(1).item(), rel=1e-4)
+    assert rec["loss_parts"][1]["retain"] > 0 and rec["loss_parts"][0]["retain"] == 0
+
+
+@pytest.mark.parametrize("layer_ids,masked", [((1, 2), False), ((0, 2), True), ((2,), False)])
+def test_shared_trunk_equals_two_full_models(tiny, layer_ids, masked):
+    """The truncated, shared-trunk RMU (frozen path = copies of the trained matrices) gives the naive two-model
+    loss and gradients, with padding, after the weights have moved away from the frozen copy."""
+    tok = load_tokenizer(tiny["model"])
+    from data import read_corpus
+    fdocs, rdocs = read_corpus(tiny["forget"]), read_corpus(tiny["retain"])
+    fi, fm = left_batch(tok, fdocs[:4], 64)
+    ri, rm = left_batch(tok, rdocs[:4], 64)
+    assert (fm == 0).any() and (rm == 0).any()
+    model = Transformer.from_pretrained(tiny["model"])
+    frozen = copy.deepcopy(model)
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in layer_ids]
+    model.requires_grad_(False)
+    train = {n: dict(model.named_parameters())[n] for n in names}
+    rmu = U.RMU(model, train, 2, list(layer_ids))
+    with torch.no_grad():  # the updated model has drifted from the frozen one
+        for p in train.values():
+            p.add_(0.05 * torch.randn_like(p))
+    for p in train.values():
+        p.requires_grad_(True)
+    c = 4.0 * torch.ones(1, 1, 32) / math.sqrt(32)
+    r_h = rmu.trunk(ri, rm)
+    loss, lf, lr_ = rmu.loss(rmu.trunk(fi, fm), fm, c, r_h, rm, rmu.frozen_acts(r_h, rm), 7.0, masked)
+    g_ours = torch.autograd.grad(loss, list(train.values()))
+    # naive: a second full model, full forwards
+    naive_model = copy.deepcopy(model)
+    naive_model.requires_grad_(True)
+    af, ar = naive_acts(naive_model, fi, fm, 2), naive_acts(naive_model, ri, rm, 2)
+    with torch.no_grad():
+        ar0 = naive_acts(frozen, ri, rm, 2)
+    if masked:
+        mf, mr = fm[..., None].float(), rm[..., None].float()
+        ref = ((af - c) ** 2 * mf).sum() / (mf.sum() * 32) + 7.0 * ((ar - ar0) ** 2 * mr).sum() / (mr.sum() * 32)
+    else:
+        ref = F.mse_loss(af, c.expand_as(af)) + 7.0 * F.mse_loss(ar, ar0)
+    nparams = dict(naive_model.named_parameters())
+    g_ref = torch.autograd.grad(ref, [nparams[n] for n in names])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    # the frozen path used the frozen copies, not the drifted weights
+    assert lr_.item() > 0
+
+
+def test_activation_cache_does_not_change_the_run(tiny, tmp_path):
+    a = U.run(args_for(tiny, tmp_path / "a", "--steps", "6", "--ratio", "4", "--no-save", "--cache-gib", "1"))
+    b = U.run(args_for(tiny, tmp_path / "b", "--steps", "6", "--ratio", "4", "--no-save", "--cache-gib", "0"))
+    assert a["cache_hits"] > 0 and b["cache_hits"] == 0
+    assert a["loss"] == b["loss"]
+
+
+def test_reference_step_count_and_topics(tiny, tmp_path):
+    """Default steps: min(max_num_batches, batches of the smallest full forget file, of the retain file), even with a
+    small coreset (which is then cycled); two forget files alternate."""
+    ns = args_for(tiny, tmp_path / "o", "--ratio", "0.2", "--no-save", "--batch-size", "2",
+                  "--max-num-batches", "100")
+    ns.forget = f"{tiny['forget']},{tiny['forget2']}"
+    ns.retain = f"{tiny['retain']},{tiny['retain']}"  # as the reference's wikitext,wikitext: one corpus, shared
+    rec = U.run(ns)
+    assert rec["steps"] == min(100, math.ceil(11 / 2), math.ceil(40 / 2)) == 6
+    assert rec["coreset"]["n_selected"] == [6, 2]
+    # steps (topic, k): (0,0) (1,0) (0,1) (1,1) (0,2) (1,2); topic 1 has one coreset batch, cycled (2 reuses); each
+    # retain batch k serves both topics (3 reuses)
+    assert rec["cache_hits"] == 5
+
+
+# ----------------------------------------------------------------------------------------------- NPO family
+
+def test_npo_simnpo_graddiff_losses_equal_formulas():
+    lp = torch.tensor([-12.0, -3.5, -40.0])
+    ref = torch.tensor([-10.0, -4.0, -41.0])
+    beta = 0.1
+    want = torch.tensor([-(2 / beta) * math.log(1 / (1 + math.exp(beta * (a - b)))) for a, b in zip(lp.tolist(), ref.tolist())])
+    assert torch.allclose(U.npo_loss_fn(beta)(lp, ref), want, rtol=1e-6)
+    assert U.npo_loss_fn(beta)(ref, ref).tolist() == pytest.approx([2 / beta * math.log(2)] * 3)
+    n = torch.tensor([4.0, 2.0, 10.0])
+    delta = 0.5
+    want = torch.tensor([-(2 / beta) * math.log(1 / (1 + math.exp(beta * a / k + delta))) for a, k in zip(lp.tolist(), n.tolist())])
+    assert torch.allclose(U.simnpo_loss_fn(beta, delta)(lp / n), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method,mean_tokens", [("npo", False), ("npo", True), ("simnpo", True), ("graddiff", False)])
+def test_forget_losses_through_kernels_equal_full_logits(tiny, method, mean_tokens):
+    tok = load_tokenizer(tiny["model"])
+    from data import read_corpus
+    ids, mask = U.pad_batch([tok.encode(t) for t in read_corpus(tiny["forget"])[:4]], tok.pad_token_id, "right")
+    model = Transformer.from_pretrained(tiny["model"])
+    beta, delta = 0.1, 0.3
+    ref = torch.tensor([-50.0, -20.0, -35.0, -60.0]) / (10 if mean_tokens else 1)
+    got = U.forget_loss(method, model, ids, mask, beta, delta, mean_tokens, ref)
+    got.backward()
+    g_ours = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logp = torch.log_softmax(model(ids, mask), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (B, T-1)
+    valid = mask[:, 1:].float()
+    s, n = (logp * valid).sum(-1), valid.sum(-1)
+    if method == "npo":
+        lp = s / n if mean_tokens else s
+        want = (-(2 / beta) * F.logsigmoid(-beta * (lp - ref))).mean()
+    elif method == "simnpo":
+        want = (-(2 / beta) * F.logsigmoid(-beta * s / n - delta)).mean()
+    else:
+        want = s.sum() / n.sum()  # -CE
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert torch.allclose(g_ours, model.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_cached_reference_logps_equal_live(tiny, tmp_path):
+    """Reference log-probs computed once (kernels) equal a live frozen model's (full logits); NPO's first step,
+    where the model is still the reference, gives exactly (2/beta) log 2."""
+    tok = load_tokenizer(tiny["model"])
+    from data import read_corpus
+    ids, mask = U.pad_batch([tok.encode(t) for t in read_corpus(tiny["forget"])[:5]], tok.pad_token_id, "right")
+    model = Transformer.from_pretrained(tiny["model"])
+    cached, ntok = U.sequence_logps(model, ids, mask)
+    live = copy.deepcopy(model)
+    logp = torch.log_softmax(live(ids, mask), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    assert torch.allclose(cached, (logp * mask[:, 1:]).sum(-1), rtol=1e-5)
+    assert ntok.tolist() == mask[:, 1:].sum(-1).float().tolist()
+    rec = U.run(args_for(tiny, tmp_path / "o", "--steps", "3", "--lr", "1e-3", "--no-save", "--beta", "0.1",
+                         method="npo"))
+    assert rec["loss_parts"][0]["forget"] == pytest.approx(20 * math.log(2), rel=1e-5)
+    assert rec["loss_parts"][2]["forget"] < rec["loss_parts"][0]["forget"]
+
+
+@pytest.mark.parametrize("extra", [["--retain-loss", "kl", "--grad-accum", "2"],
+                                   ["--npo-mean-tokens", "--fp32-optimizer-state", "--dtype", "bfloat16"]])
+def test_npo_options_run(tiny, tmp_path, extra):
+    rec = U.run(args_for(tiny, tmp_path / "o", "--steps", "2", "--lr", "1e-3", "--no-save", "--ratio", "0.5",
+                         *extra, method="npo"))
+    assert len(rec["loss"]) == 2 and all(math.isfinite(x) for x in rec["loss"])
+    if "kl" in extra:
+        assert rec["loss_parts"][0]["retain"] == pytest.approx(0.0, abs=1e-6)  # KL(ref || ref)
+
+
+def test_kl_equals_full_kl():
+    g = torch.Generator().manual_seed(0)
+    h, hr = torch.randn(10, 8, generator=g, requires_grad=True), torch.randn(10, 8, generator=g)
+    W, Wr = torch.randn(13, 8, generator=g), torch.randn(13, 8, generator=g)
+    got = U.kl_ref_current(h, W, hr, Wr, chunk=3)
+    want = F.kl_div(torch.log_softmax(h @ W.T, -1), torch.log_softmax(hr @ Wr.T, -1), log_target=True,
+                    reduction="batchmean")
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_adamw_matches_torch_and_fp32_master():
+    g = torch.Generator().manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(5, 4, generator=g))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o1 = U.AdamW([p1], lr=1e-2, eps=1e-8, weight_decay=0.1)
+    o2 = torch.optim.AdamW([p2], lr=1e-2, eps=1e-8, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(5, 4, generator=g)
+        p1.grad, p2.grad = grad.clone(), grad.clone()
+        o1.step()
+        o2.step()
+    assert torch.allclose(p1, p2, atol=1e-6)
+    # bf16 weights: tiny updates vanish without fp32 master weights, accumulate with them
+    w = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    wm = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+    o, om = U.AdamW([w], lr=1e-4), U.AdamW([wm], lr=1e-4, fp32_state=True)
+    for _ in range(40):
+        w.grad = torch.ones_like(w)
+        wm.grad = torch.ones_like(wm)
+        o.step()
+        om.step()
+    assert torch.equal(w, torch.ones_like(w)) and (wm < 1).all()
+    assert om.state[wm]["exp_avg"].dtype == torch.float32
+
+
+def test_lr_schedule():
+    assert [U.lr_at(s, 10, 1.0, 0.2, "linear") for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert U.lr_at(9, 10, 1.0, 0.2, "linear") == pytest.approx(1 - 7 / 8)
+    assert U.lr_at(5, 10, 2.0, 0, "constant") == 2.0
+
+
+# ----------------------------------------------------------------------------------------------- coreset
+
+def test_random_subset_semantics():
+    a = U.random_subset(100, 0.05, seed=0)
+    assert len(a) == 5 and a == sorted(a) and a == U.random_subset(100, 0.05, seed=0)
+    assert a != U.random_subset(100, 0.05, seed=1) and a != U.random_subset(100, 0.05, seed=0, topic=1)
+    assert len(U.random_subset(100, 7, seed=0)) == 7          # above 1: a count
+    assert U.random_subset(100, 1.0, seed=0) == list(range(100))
+    assert len(U.random_subset(10, 0.01, seed=0)) == 1        # at least one document
+    assert U.random_subset(10, 20, seed=0) == list(range(10))  # a count above the file size: the whole file
+    try:  # the same draw as coreset.py --method random
+        import coreset
+    except ImportError:
+        return
+    assert coreset.random_indices(100, 5, 0, 1).tolist() == U.random_subset(100, 0.05, seed=0, topic=1)
+
+
+def test_schedule_cycles_and_interleaves():
+    plan = U.schedule(7, 1, 2, [1, 3], [4])
+    assert [m[0] for m in plan] == [(0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 1), (0, 0, 0, 2),
+                                    (1, 2, 0, 2), (0, 0, 0, 3)]
+    plan = U.schedule(2, 3, 1, [2], [5, 5])
+    assert [len(m) for m in plan] == [3, 3] and [x[1] for m in plan for x in m] == [0, 1, 0, 1, 0, 1]
+
+
+def test_coreset_file(tiny, tmp_path):
+    cs = tmp_path / "cs.jsonl"
+    cs.write_text("\n".join(json.dumps(x) for x in [
+        {"file": tiny["forget"], "index": 7, "score": 0.5}, {"file": tiny["forget"], "index": 2, "score": None},
+        {"file": tiny["forget2"], "index": 10, "score": 1}]) + "\n")
+    assert U.read_coreset(cs, [tiny["forget"], tiny["forget2"]], [30, 11]) == [[2, 7], [10]]
+    ns = args_for(tiny, tmp_path / "o", "--coreset", str(cs), "--steps", "5", "--no-save", "--batch-size", "2")
+    ns.forget = f"{tiny['forget']},{tiny['forget2']}"
+    rec = U.run(ns)
+    assert rec["coreset"]["indices"] == [[2, 7], [10]] and rec["coreset"]["source"] == str(cs)
+    with pytest.raises(U.UnlearnError, match="is not one of --forget"):  # a file the run does not use
+        U.read_coreset(cs, [tiny["forget"]], [30])
+
+
+@pytest.mark.parametrize("lines,msg", [
+    (['{"file": "F", "index": 99, "score": null}'], "out of range"),
+    (['{"file": "nope.jsonl", "index": 1, "score": null}'], "is not one of --forget"),
+    (['{"file": "F", "index": "1"}'], "expected {"),
+    (["not json"], "expected a JSON object"),
+    (['{"file": "F", "index": 1, "score": null}', '{"file": "F", "index": 1, "score": 2.0}'], "duplicate index 1"),
+    (['{"file": "F", "index": 1, "score": "high"}'], "'score'"),
+    ([""], "selects no document"),
+])
+def test_bad_coreset_lines(tiny, tmp_path, lines, msg):
+    cs = tmp_path / "cs.jsonl"
+    cs.write_text("\n".join(l.replace('"F"', json.dumps(tiny["forget"])) for l in lines) + "\n")
+    with pytest.raises(U.UnlearnError, match=msg):
+        U.read_coreset(cs, [tiny["forget"]], [30])
+
+
+# ----------------------------------------------------------------------------------------------- failures
+
+def test_nan_loss_stops_without_outputs(tiny, tmp_path):
+    with pytest.raises(U.UnlearnError, match=r"step 0: loss is (inf|nan).*no checkpoint"):
+        U.run(args_for(tiny, tmp_path / "o", "--steps", "3", "--steering-coeffs", "inf"))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--forget", "/nonexistent/forget.jsonl"], "missing /nonexistent/forget.jsonl"),
+    (["--coreset", "/nonexistent/cs.jsonl"], "--coreset: missing file"),
+    (["--ratio", "0"], "--ratio: expected"),
+    (["--ratio", "-0.5"], "--ratio: expected"),
+    (["--ratio", "2.5"], "whole number"),
+    (["--method", "ga"], "--method: unknown method 'ga'"),
+    (["--layer-ids", "1,3"], "--layer-ids"),
+])
+def test_bad_inputs_give_one_line_errors(tiny, tmp_path, argv, msg):
+    base = ["--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"], "--out",
+            str(tmp_path / "o"), "--eval-tasks", "none", "--layer-id", "2", "--layer-ids", "1,2", "--no-progress"]
+    with pytest.raises(SystemExit) as e:
+        U.main(base + argv)
+    text = str(e.value.code)
+    assert text.startswith("error: ") and msg in text and "\n" not in text
+
+
+def test_bench_designs_agree_on_cpu():
+    cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8)
+    for paired in (False, True):
+        res = U.bench_rmu(cfg, "cpu", torch.float32, steps=3, warmup=1, batch=2, seq=8, layer_id=3,
+                          layer_ids=(1, 2, 3), paired=paired)
+        assert res["ours"]["losses"] == pytest.approx(res["reference"]["losses"], rel=1e-4)  # same training
+        assert res["speedup"] > 0
+
+
+def test_bench_without_cuda_is_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    r = subprocess.run([sys.executable, "unlearn.py", "--bench"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------- the make target
+
+TOY_READY = all((ROOT / "data" / "toy" / f).exists() for f in
+                ("model/model.safetensors", "forget_corpus.jsonl", "retain_corpus.jsonl", "toy_hazard.jsonl",
+                 "toy_general.jsonl"))
+
+
+@pytest.mark.skipif(not TOY_READY or shutil.which("make") is None, reason="embedded toy not built (make toy)")
+def test_make_wmdp_rmu_table_on_toy(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run(["make", "-s", "wmdp-rmu", "RATIO=0.05", "STEPS=2", f"OUT={tmp_path}",
+                        "UNLEARN_FLAGS=--eval-limit 20 --no-progress"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "toy_hazard" in r.stdout and "toy_general" in r.stdout and "| base" in r.stdout and "| rmu" in r.stdout
+    runs = list(Path(tmp_path).rglob("run.json"))
+    rec = json.loads(runs[0].read_text())
+    assert rec["steps"] == 2 and rec["eval"]["after"]["toy_hazard"]["acc"] is not None
+
+
+def test_interrupt_leaves_earlier_outputs(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    U.run(args_for(tiny, out, "--steps", "2"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(U, "train_rmu", interrupted)
+    argv = ["--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"], "--out", str(out),
+            "--eval-tasks", "none", "--layer-id", "2", "--layer-ids", "1,2", "--steps", "2", "--no-progress"]
+    with pytest.raises(SystemExit, match="interrupted"):
+        U.main(argv)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_toy_defaults_file_is_honoured(tmp_path, monkeypatch):
+    toy = tmp_path / "toy"
+    (toy / "model").mkdir(parents=True)
+    (toy / "model" / "config.json").write_text("{}")
+    (toy / "defaults.json").write_text(json.dumps({
+        "note": "x", "rmu": {"layer_id": 4, "layer_ids": [2, 3, 4], "steering_coeff": 20.0, "alpha": 100.0, "lr": 0.001,
+                             "steps": 100, "batch_size": 4, "max_len": 128},
+        "npo": {"beta": 0.1, "lr": 0.0001, "steps": 100, "max_len": 128, "retain_coeff": 2.0}}))
+    monkeypatch.setattr(U, "TOY_DIR", toy)
+    a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model")]))
+    assert (a.toy, a.layer_id, a.layer_ids, a.steering_coeffs, a.alpha, a.lr, a.steps, a.forget_max_len) == \
+        (True, 4, "2,3,4", 20.0, 100.0, 1e-3, 100, 128)
+    assert a.forget == str(toy / "forget_corpus.jsonl") and a.tasks == ["toy_hazard", "toy_general"]
+    a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model"), "--method", "npo", "--lr", "5e-5"]))
+    assert (a.gamma, a.lr, a.steps, a.beta) == (2.0, 5e-5, 100, 0.1)  # explicit flags win
+    a = U.resolve_args(U.build_parser().parse_args(["--model", str(tmp_path), "--forget", "f", "--retain", "r"]))
+    assert (a.toy, a.layer_id, a.steering_coeffs, a.alpha, a.lr, a.tasks) == (False, 7, "6.5", "1200", 5e-5, [])
