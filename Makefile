@@ -110,8 +110,14 @@ SWEEP_COMMON = --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forg
   --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" $(STEPS_FLAG) \
   $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
 
-sweep: $(STAMP)
+# the figure needs matplotlib (an optional dependency): installed on first use of a sweep target
+PLOT_STAMP := .venv/.installed-plot
+$(PLOT_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[plot]"
+	touch $@
+
+sweep: $(PLOT_STAMP)
 	$(PY) coreset.py sweep $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)
 
-sweep-select: $(STAMP)
+sweep-select: $(PLOT_STAMP)
 	$(PY) coreset.py sweep $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)

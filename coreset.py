@@ -426,37 +426,6 @@ def write_coreset(path, selected):
     atomic_write_lines(path, [json.dumps({"file": f, "index": int(i), "score": clean(s)}) for f, i, s in selected])
 
 
-def read_coreset(path, forget_paths=None):
-    """A coreset file -> dict file -> sorted list of indices. With forget_paths (list), check that every file is
-    one of them and every index is in range (the files are read with data.read_corpus)."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CoresetError(f"missing coreset file {path}: write one with `python coreset.py --method ... --out {path}`")
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                file, idx = obj["file"], obj["index"]
-                if not isinstance(file, str) or isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CoresetError(f"{path}:{i}: expected {{\"file\": str, \"index\": int >= 0, \"score\": float|null}}") from None
-            out.setdefault(file, []).append(idx)
-    if not out:
-        raise CoresetError(f"{path}: expected at least one selected document, found none")
-    if forget_paths is not None:
-        for file, idx in out.items():
-            if file not in forget_paths:
-                raise CoresetError(f"{path}: selects from {file}, which is not a --forget file ({','.join(forget_paths)})")
-            n = len(data.read_corpus(file))
-            if max(idx) >= n:
-                raise CoresetError(f"{path}: index {max(idx)} out of range for {file} ({n} documents)")
-    return {f: sorted(set(v)) for f, v in out.items()}
-
-
 # ----------------------------------------------------------------------------------------------- selection CLI
 
 def build_parser():

@@ -657,6 +657,18 @@ def retain_kl(model, ids, mask, ref_h, W_ref):
 
 # ----------------------------------------------------------------------------------------------- training
 
+def finish_step(step, args, params, opt, bar, hist, parts_hist, tot, tf, tr):
+    """The end of every training step: stop on a non-finite loss, clip, step, record the losses, update the bar."""
+    check_finite(step, tot, {"forget": tf, "retain": tr})
+    if args.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    opt.step()
+    hist.append(tot)
+    parts_hist.append({"forget": tf, "retain": tr})
+    bar.set_postfix(loss=f"{tot:.4g}", forget=f"{tf:.4g}", retain=f"{tr:.3g}")
+    bar.update(1)
+
+
 def check_finite(step, loss, parts):
     if not math.isfinite(loss):
         detail = ", ".join(f"{k} {v:.4g}" for k, v in parts.items())
@@ -720,14 +732,7 @@ def train_rmu(args, model, tok, forget_sel, retain_docs, train, opt, device):
             loss, lf, lr_ = rmu.loss(f_h, f_mask, cvec[t], r_h, r_mask, r_tgt, alphas[t], args.masked_loss)
             (loss / len(micro)).backward()
             tot, tf, tr = tot + loss.item() / len(micro), tf + lf.item() / len(micro), tr + lr_.item() / len(micro)
-        check_finite(s, tot, {"forget": tf, "retain": tr})
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        hist.append(tot)
-        parts_hist.append({"forget": tf, "retain": tr})
-        bar.set_postfix(loss=f"{tot:.4g}", forget=f"{tf:.4g}", retain=f"{tr:.3g}")
-        bar.update(1)
+        finish_step(s, args, params, opt, bar, hist, parts_hist, tot, tf, tr)
     bar.close()
     model.eval()
     return hist, parts_hist, {"cache_hits": cache.hits, "steering_coeffs": coeffs, "alphas": alphas}
@@ -776,14 +781,7 @@ def train_npo(args, model, tok, forget_sel, retain_docs, train, opt, device):
                 loss = lf + args.gamma * lr_
             (loss / len(micro)).backward()
             tot, tf, tr = tot + loss.item() / len(micro), tf + lf.item() / len(micro), tr + lr_.item() / len(micro)
-        check_finite(s, tot, {"forget": tf, "retain": tr})
-        if args.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        opt.step()
-        hist.append(tot)
-        parts_hist.append({"forget": tf, "retain": tr})
-        bar.set_postfix(loss=f"{tot:.4g}", forget=f"{tf:.4g}", retain=f"{tr:.3g}")
-        bar.update(1)
+        finish_step(s, args, params, opt, bar, hist, parts_hist, tot, tf, tr)
     bar.close()
     model.eval()
     return hist, parts_hist, {"n_reference_batches": len(ref)}
@@ -801,9 +799,8 @@ def eval_key(args, dtype):
 
 
 def summarize(res):
-    """evaluate_tasks' output -> {task: {acc, acc_stderr, n, ...}} without per-sample data."""
-    return {t: {k: v for k, v in r.items() if not isinstance(v, (list, dict)) or k in ("groups",)}
-            for t, r in res["results"].items()}
+    """evaluate_tasks' output -> {task: {acc, acc_stderr, n, subjects, ...}} without per-sample data."""
+    return {t: {k: v for k, v in r.items() if not isinstance(v, list)} for t, r in res["results"].items()}
 
 
 def evaluate(args, model, tok, dtype, base: bool):
@@ -833,8 +830,9 @@ def columns(task, res):
     return [(f"{task}:{k}", res[k]) for k in MUSE_COLUMNS if isinstance(res.get(k), (int, float))]
 
 
-def format_table(tasks, before, after, method, steps, train_s):
+def format_table(before, after, method, steps, train_s):
     """Markdown table: one row per model (base, unlearned), one column per task metric, then steps and time."""
+    tasks = list(before)  # as evaluate.py names them (a task given as a file path is named by its stem)
     cols = [h for t in tasks for h, _ in columns(t, before[t])]
     row = lambda res: [f"{v:.1f}" for t in tasks for _, v in columns(t, res[t])]
     head = ["model"] + cols + ["steps", "time"]
@@ -914,7 +912,7 @@ def run(args) -> dict:
     record["time_s"] = round(time.time() - t_start, 3)
     atomic_write_json(out / "run.json", record)
     if a.tasks:
-        print(format_table(a.tasks, before, after, a.method, a.steps, train_s))
+        print(format_table(before, after, a.method, a.steps, train_s))
     print(f"unlearn: {a.method} {a.steps} steps in {train_s:.1f}s ({a.steps / max(train_s, 1e-9):.2f} steps/s), "
           f"{sum(len(i) for i in sel)} forget docs; wrote {out / 'run.json'}"
           + ("" if a.no_save else f" and {out / 'model'}"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import coreset as C
+from helpers import bpe_tokenizer
 from model import ModelConfig, Transformer, load_tokenizer
 
 WORDS = "the virus spores toxin anthrax lab culture cat sat on mat with hat river stone".split()
@@ -23,19 +24,7 @@ def reference_kernels(monkeypatch):
 
 
 def make_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
-                                                       special_tokens=[("<s>", 0)])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
-    return tok.get_vocab_size()
+    return bpe_tokenizer(path, [" ".join(WORDS)] * 20, {"bos_token": "<s>", "eos_token": "</s>"})
 
 
 def write_corpus(path, n, seed, lo=1, hi=25):
@@ -272,8 +261,8 @@ def test_coreset_file_read_back_by_unlearn(tiny, tmp_path):
     files = [tiny["f1"], tiny["f2"]]
     sizes = [len(data.read_corpus(f)) for f in files]
     got = unlearn.read_coreset(str(out), files, sizes)
-    mine = C.read_coreset(out, files)
-    assert got == [mine[f] for f in files]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert got == [sorted(r["index"] for r in lines if r["file"] == f) for f in files]
     assert [len(g) for g in got] == [C.coreset_size(0.25, n) for n in sizes]
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+from helpers import bpe_tokenizer
 from model import CheckpointError, ModelConfig, Transformer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -193,22 +194,8 @@ def test_kv_cache_generation_equals_uncached_greedy(tmp_path):
 # ----------------------------------------------------------------------------------------------- tokenizer
 
 def train_tokenizer(path: Path, config: dict, bos_in_tokenizer_json: bool = True):
-    """A byte-level BPE trained here; like real Llama/Zephyr/Llama-3 tokenizer.json files it carries a
-    post-processor that prepends BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     text = ["The quick brown fox jumps over the lazy dog. Answer: A B C D"] * 20 + ["hello world, unlearning!"] * 10
-    tok.train_from_iterator(text, trainer)
-    if bos_in_tokenizer_json:
-        tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
-                                                           special_tokens=[("<s>", 0)])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    bpe_tokenizer(path, text, config, bos_in_tokenizer_json)
 
 
 @pytest.mark.parametrize("config", [

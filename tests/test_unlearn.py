@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import unlearn as U
+from helpers import bpe_tokenizer
 from model import ModelConfig, Transformer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,20 +28,7 @@ def reference_kernels(monkeypatch):
 
 
 def make_tokenizer(path: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(WORDS)] * 20, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0", pair="<s>:0 $A:0 <s>:1 $B:1",
-                                                       special_tokens=[("<s>", 0)])
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                            "add_bos_token": True}))
-    return tok.get_vocab_size()
+    return bpe_tokenizer(path, [" ".join(WORDS)] * 20, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
 
 
 def write_corpus(path, n, seed, lo=3, hi=30):
@@ -435,7 +423,8 @@ TOY_READY = all((ROOT / "data" / "toy" / f).exists() for f in
 def test_make_wmdp_rmu_table_on_toy(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run(["make", "-s", "wmdp-rmu", "RATIO=0.05", "STEPS=2", f"OUT={tmp_path}",
-                        "UNLEARN_FLAGS=--eval-limit 20 --no-progress"],
+                        # a task given as a file path is reported under its file stem
+                        "UNLEARN_FLAGS=--eval-limit 20 --no-progress --eval-tasks data/toy/toy_hazard.jsonl,toy_general"],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "toy_hazard" in r.stdout and "toy_general" in r.stdout and "| base" in r.stdout and "| rmu" in r.stdout
