@@ -712,7 +712,7 @@ def train_rmu(args, model, tok, forget_sel, retain_docs, train, opt, device):
     params = list(train.values())
     hist, parts_hist = [], []
     model.train()
-    bar = progress_bar(args.steps, f"rmu", args.no_progress)
+    bar = progress_bar(args.steps, "rmu", args.no_progress)
     for s, micro in enumerate(plan):
         for g in opt.param_groups:
             g["lr"] = lr_at(s, args.steps, args.lr, args.warmup, args.lr_schedule)

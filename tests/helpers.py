@@ -22,3 +22,13 @@ def bpe_tokenizer(path: Path, texts: list, config: dict, bos_in_tokenizer_json: 
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return tok.get_vocab_size()
+
+
+def write_corpus(path, n: int, seed: int, words: list, lo: int, hi: int) -> str:
+    """A JSON Lines corpus of n documents, each lo..hi random words: {"text": ...} per line. Returns the path."""
+    import random
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))}) + "\n")
+    return str(path)

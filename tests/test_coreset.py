@@ -3,7 +3,6 @@ float64 / per-document computations), keyword extraction, the coreset file as un
 resume and report, and one-line errors."""
 import json
 import math
-import random
 import zlib
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 import coreset as C
+import helpers
 from helpers import bpe_tokenizer
 from model import ModelConfig, Transformer, load_tokenizer
 
@@ -28,11 +28,7 @@ def make_tokenizer(path: Path):
 
 
 def write_corpus(path, n, seed, lo=1, hi=25):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))}) + "\n")
-    return str(path)
+    return helpers.write_corpus(path, n, seed, WORDS, lo, hi)
 
 
 @pytest.fixture(scope="module")

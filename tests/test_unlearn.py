@@ -4,7 +4,6 @@ import copy
 import json
 import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import unlearn as U
+import helpers
 from helpers import bpe_tokenizer
 from model import ModelConfig, Transformer, load_tokenizer
 
@@ -32,11 +32,7 @@ def make_tokenizer(path: Path):
 
 
 def write_corpus(path, n, seed, lo=3, hi=30):
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))}) + "\n")
-    return str(path)
+    return helpers.write_corpus(path, n, seed, WORDS, lo, hi)
 
 
 @pytest.fixture(scope="module")
