@@ -496,14 +496,14 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def pad(self, seqs: list, side: str = "right", max_length: int | None = None):
+    def pad(self, seqs: list, side: str = "right", max_length: int | None = None, pad_id: int | None = None):
         """Pad id lists to one length -> (ids (B, T) long, mask (B, T) long). Sequences longer than max_length
-        are truncated on the right."""
+        are truncated on the right. pad_id defaults to the tokenizer's pad token (RMU's reference pads with EOS)."""
         if side not in ("left", "right"):
             raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
         seqs = [list(s[:max_length]) if max_length else list(s) for s in seqs]
         T = max(1, max(len(s) for s in seqs))
-        ids = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(seqs), T), self.pad_token_id if pad_id is None else pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), T), dtype=torch.long)
         for b, s in enumerate(seqs):
             sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))

@@ -351,18 +351,6 @@ def select(args, forget_docs) -> list:
 
 # ----------------------------------------------------------------------------------------------- batches
 
-def pad_batch(seqs, pad_id, side):
-    """list of id lists -> (ids (B, T) long, mask (B, T) long)."""
-    T = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if side == "left" else slice(0, len(s))
-        ids[b, sl] = torch.tensor(s, dtype=torch.long)
-        mask[b, sl] = 1
-    return ids, mask
-
-
 class Batches:
     """Documents -> batches of `size` in order, tokenized on first use (add_special_tokens as the tokenizer
     says, truncated on the right to max_len), padded on `side` with pad_id. With chunk > 0 every document is
@@ -394,7 +382,7 @@ class Batches:
         return self.memo[b]
 
     def __getitem__(self, b):
-        return pad_batch(self.tokens(b % self.n), self.pad_id, self.side)
+        return self.tok.pad(self.tokens(b % self.n), self.side, pad_id=self.pad_id)
 
 
 def schedule(steps, accum, n_topics, n_forget, n_retain, retain_of=None):

@@ -243,6 +243,9 @@ def test_tokenizer_config_flags_override_post_processor(tmp_path):
         tok.pad([[1, 2]], side="middle")
     ids, mask = tok.pad([[5, 6, 7], [8]], side="left", max_length=2)
     assert ids.tolist() == [[5, 6], [1, 8]] and mask.tolist() == [[1, 1], [0, 1]]
+    assert tok.pad_token_id == 1  # no pad token in the config: EOS
+    ids, mask = tok.pad([[5, 6, 7], [8]], side="right", pad_id=2)  # an explicit pad id wins
+    assert ids.tolist() == [[5, 6, 7], [8, 2, 2]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -94,7 +94,7 @@ def naive_acts(model, ids, mask, layer):
 
 def left_batch(tok, texts, max_len):
     seqs = [tok.encode(t)[:max_len] for t in texts]
-    return U.pad_batch(seqs, tok.eos_token_id, "left")
+    return tok.pad(seqs, "left", pad_id=tok.eos_token_id)
 
 
 def test_rmu_step_losses_equal_hand_computation(tiny, tmp_path):
@@ -218,7 +218,7 @@ def test_npo_simnpo_graddiff_losses_equal_formulas():
 def test_forget_losses_through_kernels_equal_full_logits(tiny, method, mean_tokens):
     tok = load_tokenizer(tiny["model"])
     from data import read_corpus
-    ids, mask = U.pad_batch([tok.encode(t) for t in read_corpus(tiny["forget"])[:4]], tok.pad_token_id, "right")
+    ids, mask = tok.pad([tok.encode(t) for t in read_corpus(tiny["forget"])[:4]], "right")
     model = Transformer.from_pretrained(tiny["model"])
     beta, delta = 0.1, 0.3
     ref = torch.tensor([-50.0, -20.0, -35.0, -60.0]) / (10 if mean_tokens else 1)
@@ -246,7 +246,7 @@ def test_cached_reference_logps_equal_live(tiny, tmp_path):
     where the model is still the reference, gives exactly (2/beta) log 2."""
     tok = load_tokenizer(tiny["model"])
     from data import read_corpus
-    ids, mask = U.pad_batch([tok.encode(t) for t in read_corpus(tiny["forget"])[:5]], tok.pad_token_id, "right")
+    ids, mask = tok.pad([tok.encode(t) for t in read_corpus(tiny["forget"])[:5]], "right")
     model = Transformer.from_pretrained(tiny["model"])
     cached, ntok = U.sequence_logps(model, ids, mask)
     live = copy.deepcopy(model)
