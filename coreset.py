@@ -86,7 +86,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import CheckpointError, Transformer, atomic_write_json, default_dtype, load_tokenizer, run_info
+from model import CheckpointError, Transformer, atomic_write_json, atomic_write_lines, default_dtype, load_tokenizer, run_info
 
 # ----------------------------------------------------------------------------------------------- defaults
 METHODS = ("random", "loss", "zlib", "mink", "minkpp", "grand", "moderate", "keywords")
@@ -403,16 +403,6 @@ def keyword_document(text, keywords):
 
 
 # ----------------------------------------------------------------------------------------------- I/O
-
-def atomic_write_lines(path, lines):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
-
 
 def run_json_path(out):
     p = Path(out)

@@ -526,13 +526,27 @@ def load_tokenizer(path) -> Tokenizer:
 
 # ----------------------------------------------------------------------------------------------- run records
 
-def atomic_write_json(path, obj):
-    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+def atomic_write_lines(path, lines) -> int:
+    """Write `lines` (each without its newline) to a temporary file beside `path`, then rename: a crash or
+    Ctrl-C never leaves a half-written file. Streams, so a multi-GB corpus is never held in memory.
+    Returns the number of lines."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    n = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
+
+
+def atomic_write_json(path, obj):
+    atomic_write_lines(path, [json.dumps(obj, indent=2, default=str)])
 
 
 def _git_commit():

@@ -153,30 +153,14 @@ def convert_row(row, where, kind):
     return json.dumps(out, ensure_ascii=False)
 
 
-def write_lines_atomic(path, lines):
-    """Write an iterable of lines (no newline) to path via a temporary file + os.replace; -> count."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return n
-
-
 def convert(files, out_path, kind):
     """Rows of the snapshot files -> out_path in our layout (atomic). -> number of rows written."""
     def lines():
         for path in files:
             for where, row in iter_rows(path):
                 yield convert_row(row, where, kind)
-    return write_lines_atomic(out_path, lines())
+    from model import atomic_write_lines
+    return atomic_write_lines(out_path, lines())
 
 
 def fetch_model(model, model_dir, download=hub_download, force=False, log=print):

@@ -25,6 +25,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)  # model.py (the model, atomic writers) and evaluate.py
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(
@@ -194,26 +195,17 @@ def toy_accuracy(model, tok_dir, data_dir):
 
 
 # ----------------------------------------------------------------------------- files
-def _write_atomic(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _jsonl(rows):
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+def _write_jsonl(path, rows):
+    from model import atomic_write_lines
+    atomic_write_lines(path, (json.dumps(r, ensure_ascii=False) for r in rows))
 
 
 def write_data(out, seed=0, scale=1.0):
     world, forget, retain, hq, gq = make_benchmark(seed, scale)
-    _write_atomic(os.path.join(out, "forget_corpus.jsonl"), _jsonl({"text": t} for t in forget))
-    _write_atomic(os.path.join(out, "retain_corpus.jsonl"), _jsonl({"text": t} for t in retain))
-    _write_atomic(os.path.join(out, "toy_hazard.jsonl"), _jsonl(hq))
-    _write_atomic(os.path.join(out, "toy_general.jsonl"), _jsonl(gq))
+    _write_jsonl(os.path.join(out, "forget_corpus.jsonl"), ({"text": t} for t in forget))
+    _write_jsonl(os.path.join(out, "retain_corpus.jsonl"), ({"text": t} for t in retain))
+    _write_jsonl(os.path.join(out, "toy_hazard.jsonl"), hq)
+    _write_jsonl(os.path.join(out, "toy_general.jsonl"), gq)
     return world, forget, retain, hq, gq
 
 
@@ -235,9 +227,9 @@ def train_tokenizer(texts, vocab_size, out_dir):
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
            "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
            "clean_up_tokenization_spaces": False, "model_max_length": 512}
-    _write_atomic(os.path.join(out_dir, "tokenizer_config.json"), json.dumps(cfg, indent=2) + "\n")
-    _write_atomic(os.path.join(out_dir, "special_tokens_map.json"),
-                  json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
+    from model import atomic_write_json
+    atomic_write_json(os.path.join(out_dir, "tokenizer_config.json"), cfg)
+    atomic_write_json(os.path.join(out_dir, "special_tokens_map.json"), {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     for L in LETTERS:  # lm-eval's continuation encode(ctx + " A")[len(encode(ctx)):] must be one token
         ctx = tok.encode("Answer:").ids
         full = tok.encode("Answer: " + L).ids
@@ -370,7 +362,6 @@ def main():
     if args.data_only:
         return
     import torch
-    sys.path.insert(0, ROOT)
     from model import atomic_write_json
     torch.set_num_threads(args.threads)
     out_dir = os.path.join(args.out, "model")

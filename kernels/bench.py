@@ -298,10 +298,8 @@ def main(argv=None):
                args={k: v for k, v in vars(args).items()}, seconds=round(time.time() - t0, 1), results=rows)
     line = json.dumps(rec)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(line + "\n")
-        os.replace(tmp, args.out)
+        from model import atomic_write_lines
+        atomic_write_lines(args.out, [line])
     print(line)
     return 0
 

@@ -314,3 +314,20 @@ def test_cli_smoke(tmp_path):
     r = subprocess.run([sys.executable, str(root / "model.py"), "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().startswith("error:") and "nope" in r.stderr
+
+
+def test_atomic_write_lines_keeps_earlier_file_on_interrupt(tmp_path):
+    path = tmp_path / "out" / "rows.jsonl"
+    assert M.atomic_write_lines(path, iter(["a", "b"])) == 2  # creates the folder, streams an iterator
+    assert path.read_text() == "a\nb\n"
+
+    def interrupted():
+        yield "c"
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        M.atomic_write_lines(path, interrupted())
+    assert path.read_text() == "a\nb\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]
+    M.atomic_write_json(path.with_name("r.json"), {"x": 1})
+    assert path.with_name("r.json").read_text() == '{\n  "x": 1\n}\n'
