@@ -14,7 +14,7 @@ In-process use (the coreset sweep): `record = run(build_parser().parse_args([...
 RMU (REFERENCE 2, WMDP rmu/unlearn.py), by default exactly as the reference:
   - one control vector per forget file ("topic"): u = rand(1, 1, d) (uniform [0, 1)), c = coeff * u / ||u||;
   - loss = mse(h_L(x_f), c) + alpha * mse(h_L(x_r), h_L^frozen(x_r)), h_L the residual stream after decoder
-    layer --layer-id, mean over batch x seq x d including padding (--masked-loss: real tokens only);
+    layer --layer-id, mean over batch x seq x d including padding (--masked-loss: real tokens but BOS);
   - only mlp.down_proj of --layer-ids is trained; AdamW lr 5e-5, eps 1e-6 (transformers.AdamW: eps added to the
     uncorrected sqrt(v)), wd 0, no schedule; batch 4; topics interleaved (step i: topic i % n, batch i // n);
     forget max length 512 / 768 (bio / cyber: one value per topic), retain 512; left padding with EOS, right
@@ -98,14 +98,8 @@ REAL_NPO = dict(                  # NPO/GradDiff/SimNPO as the coreset paper's W
     lr_schedule="linear", max_grad_norm=1.0, steps=500, beta=0.1, gamma=1.0, delta=0.0, retain_loss="gd",
     forget_max_len="512", retain_max_len=512, chunk_tokens=0,
 )
-# Used on the toy only where data/toy/defaults.json (written with the toy, tuned on it) has no value: a guess for an
-# 8-layer d=128 model (middle layers, stronger steering, larger lr than at 7B), not a tuned setting.
-TOY_FALLBACK = dict(
-    rmu=dict(layer_id=4, layer_ids="2,3,4", steering_coeffs="20", alpha="100", lr=1e-3, forget_max_len="128",
-             retain_max_len=128),
-    npo=dict(lr=2e-4, steps=100, warmup=0.1, forget_max_len="128", retain_max_len=128),
-)
 TOY_TASKS = "toy_hazard,toy_general"
+BOOL_FLAGS = ("masked_loss", "npo_mean_tokens", "fp32_optimizer_state")  # --x / --no-x, off by default
 METHODS = ("rmu", "npo", "graddiff", "simnpo")
 
 
@@ -152,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=float, help="warmup steps (>= 1) or fraction of steps (< 1)")
     g.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"])
     g.add_argument("--max-grad-norm", type=float, help="0: no clipping")
-    g.add_argument("--fp32-optimizer-state", action="store_true", help="fp32 Adam moments and master weights")
+    g.add_argument("--fp32-optimizer-state", action=argparse.BooleanOptionalAction,
+                   help="fp32 Adam moments and master weights (default: off)")
     g.add_argument("--forget-max-len", help="max tokens per forget document, one per topic (last repeats)")
     g.add_argument("--retain-max-len", type=int)
     r = p.add_argument_group("RMU")
@@ -162,13 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layer-id", type=int, help="steering layer (activation after this decoder layer)")
     r.add_argument("--layer-ids", help="layers whose --params are trained")
     r.add_argument("--params", help="trained matrices inside each layer, comma list (mlp.down_proj)")
-    r.add_argument("--masked-loss", action="store_true", help="MSE over real tokens only (reference: all positions)")
+    r.add_argument("--masked-loss", action=argparse.BooleanOptionalAction,
+                   help="MSE over real tokens other than BOS (reference: all positions, padding and BOS included; "
+                        "the toy's default: on)")
     n = p.add_argument_group("NPO / SimNPO / GradDiff")
     n.add_argument("--beta", type=float)
     n.add_argument("--gamma", type=float, help="retain term weight")
     n.add_argument("--delta", type=float, help="SimNPO margin")
     n.add_argument("--retain-loss", choices=["gd", "kl", "none"])
-    n.add_argument("--npo-mean-tokens", action="store_true", help="token-mean log-probs in NPO (WMDP runs)")
+    n.add_argument("--npo-mean-tokens", action=argparse.BooleanOptionalAction,
+                   help="token-mean log-probs in NPO (WMDP runs) (default: off)")
     n.add_argument("--chunk-tokens", type=int, help="split documents into pieces of N tokens (MUSE); 0: truncate")
     return p
 
@@ -184,8 +182,8 @@ def toy_defaults(method) -> dict:
     """data/toy/defaults.json: {"rmu": {...}, "npo": {...}} or a flat dict (RMU). Keys as our flags
     (underscores), with the reference's spellings accepted (steering_coeff(s), layer_ids as a list, ...)."""
     path = TOY_DIR / "defaults.json"
-    if not path.is_file():
-        return {}
+    if not path.is_file():  # the reference's 7B values do nothing useful on an 8-layer toy: refuse, do not guess
+        raise UnlearnError(f"{path}: missing; it holds the toy model's tuned hyperparameters (restore it with git)")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -195,7 +193,7 @@ def toy_defaults(method) -> dict:
         sect = raw.get(method) or raw.get(fam) or raw.get("npo_family") or {}
     else:
         sect = raw if method == "rmu" else {}
-    known = set(REAL_RMU) | set(REAL_NPO) | {"steps", "masked_loss", "npo_mean_tokens", "fp32_optimizer_state"}
+    known = set(REAL_RMU) | set(REAL_NPO) | {"steps"} | set(BOOL_FLAGS)
     out = {}
     for k, v in sect.items():
         k = k.replace("-", "_")
@@ -217,14 +215,15 @@ def resolve_args(args) -> argparse.Namespace:
     toy = is_toy(a.model)
     base = dict(REAL_RMU if a.method == "rmu" else REAL_NPO)
     if toy:
-        base.update(TOY_FALLBACK["rmu" if a.method == "rmu" else "npo"])
         base.update(toy_defaults(a.method))
     for k, v in base.items():  # toy's own, else the reference's; explicit flags win
-        if getattr(a, k, None) is None or (getattr(a, k) is False and v is True):
+        if getattr(a, k, None) is None:
             setattr(a, k, v)
     for k, v in (REAL_RMU | REAL_NPO).items():  # the other family's flags stay defined
         if k != "steps" and getattr(a, k, None) is None:
             setattr(a, k, v)
+    for k in BOOL_FLAGS:  # --x / --no-x: unset means off unless the toy's defaults say otherwise
+        setattr(a, k, bool(getattr(a, k, None)))
     a.toy = toy
     if toy and not (TOY_DIR / "model" / "config.json").is_file():
         raise UnlearnError(f"{TOY_DIR / 'model'}: the embedded toy model is not built; run `make toy`")
@@ -535,13 +534,21 @@ class RMU:
             return torch.func.functional_call(self.model, self.frozen, (), dict(
                 hidden_states=h, attention_mask=mask, from_layer=self.lo, until_layer=self.L), strict=False)
 
-    def loss(self, f_h, f_mask, c, r_h, r_mask, r_target, alpha, masked=False):
-        """-> (loss, forget term, retain term before alpha). f_h / r_h: trunk outputs; r_target: frozen acts."""
+    def loss(self, f_h, f_mask, c, r_h, r_mask, r_target, alpha, f_counted=None, r_counted=None):
+        """-> (loss, forget term, retain term before alpha). f_h / r_h: trunk outputs; r_target: frozen acts;
+        f_counted / r_counted: (B, T) positions the MSE averages over (None: all positions, as the reference)."""
         act_f = self.updated(f_h, f_mask)                         # (B, Tf, d)
-        lf = mse(act_f, c.expand_as(act_f), f_mask if masked else None)
+        lf = mse(act_f, c.expand_as(act_f), f_counted)
         act_r = self.updated(r_h, r_mask)                         # (B, Tr, d)
-        lr_ = mse(act_r, r_target, r_mask if masked else None)
+        lr_ = mse(act_r, r_target, r_counted)
         return lf + alpha * lr_, lf, lr_
+
+
+def content_positions(ids, mask, bos_id):
+    """(B, T) bool: real tokens other than BOS. The BOS activation is the same in every document (nothing
+    precedes it), so the forget term would push it to c while the retain term holds it: a pure conflict."""
+    keep = mask.bool()
+    return keep & (ids != bos_id) if bos_id is not None else keep
 
 
 class ActCache:
@@ -691,6 +698,8 @@ def train_rmu(args, model, tok, forget_sel, retain_docs, train, opt, device):
     gen = torch.Generator().manual_seed(args.seed)
     cvec = control_vectors(n_topics, model.config.hidden_size, coeffs, gen, model.lm_head_weight.dtype, device)
     rmu = RMU(model, train, args.layer_id, args.layer_ids_list)
+    bos = tok.bos_token_id  # a special token: in a document only as the BOS the tokenizer adds
+    counted = (lambda ids, mask: content_positions(ids, mask, bos)) if args.masked_loss else (lambda ids, mask: None)
     uses = {}
     for micro in plan:
         for t, f, r, rr in micro:
@@ -709,15 +718,15 @@ def train_rmu(args, model, tok, forget_sel, retain_docs, train, opt, device):
         for t, f, r, rr in micro:
             def fwd_f():
                 ids, mask = (x.to(device) for x in fb[t][f])
-                return rmu.trunk(ids, mask), mask
+                return rmu.trunk(ids, mask), mask, counted(ids, mask)
 
             def fwd_r():
                 ids, mask = (x.to(device) for x in rb[r][rr])
                 h = rmu.trunk(ids, mask)
-                return h, mask, rmu.frozen_acts(h, mask)
-            f_h, f_mask = cache.get(("f", t, f), fwd_f)
-            r_h, r_mask, r_tgt = cache.get(("r", r, rr), fwd_r)
-            loss, lf, lr_ = rmu.loss(f_h, f_mask, cvec[t], r_h, r_mask, r_tgt, alphas[t], args.masked_loss)
+                return h, mask, rmu.frozen_acts(h, mask), counted(ids, mask)
+            f_h, f_mask, f_cnt = cache.get(("f", t, f), fwd_f)
+            r_h, r_mask, r_tgt, r_cnt = cache.get(("r", r, rr), fwd_r)
+            loss, lf, lr_ = rmu.loss(f_h, f_mask, cvec[t], r_h, r_mask, r_tgt, alphas[t], f_cnt, r_cnt)
             (loss / len(micro)).backward()
             tot, tf, tr = tot + loss.item() / len(micro), tf + lf.item() / len(micro), tr + lr_.item() / len(micro)
         finish_step(s, args, params, opt, bar, hist, parts_hist, tot, tf, tr)
@@ -778,11 +787,19 @@ def train_npo(args, model, tok, forget_sel, retain_docs, train, opt, device):
 # ----------------------------------------------------------------------------------------------- evaluation
 
 def eval_key(args, dtype):
-    """Cache key of the base model's evaluation: model files (size, mtime), data dir, tasks, limit, dtype."""
+    """Cache key of the base model's evaluation: model and task files (size, mtime), tasks, limit, dtype."""
+    from data import MUSE_DIRS, TASKS
     mdir = Path(args.model).resolve()
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in mdir.iterdir()
-                   if f.suffix in (".safetensors", ".json"))
-    blob = json.dumps([str(mdir), files, str(Path(args.data).resolve()), args.tasks, args.eval_limit, str(dtype)])
+    files = [f for f in mdir.iterdir() if f.suffix in (".safetensors", ".json")]
+    for t in args.tasks:  # the question files too: a regenerated benchmark must not hit an old entry
+        if t in TASKS:
+            files.append(Path(args.data, TASKS[t][0]))
+        elif t.startswith("muse_") and t[5:] in MUSE_DIRS:
+            files += Path(args.data, MUSE_DIRS[t[5:]]).glob("*")
+        else:
+            files.append(Path(t))
+    stamp = sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
+    blob = json.dumps([stamp, args.tasks, args.eval_limit, str(dtype)])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

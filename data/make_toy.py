@@ -140,11 +140,23 @@ def _doc(rng, e, attrs, intros):
     return rng.choice(intros).format(X=X, k=e.get("kind")) + " " + " ".join(sents)
 
 
-def _question(rng, e, attr, attrs):
-    spec = attrs[attr]
-    choices = list(spec[-1])
+def _question(rng, e, attr, attrs, slot):
+    """The cloze question for e's attr, the true value at position `slot`, the three others in a seeded order."""
+    spec, true = attrs[attr], e["facts"][attr]
+    choices = [v for v in spec[-1] if v != true]
     rng.shuffle(choices)
-    return {"question": spec[-3].format(X=e["name"]), "choices": choices, "answer": choices.index(e["facts"][attr])}
+    choices.insert(slot, true)
+    return {"question": spec[-3].format(X=e["name"]), "choices": choices, "answer": slot}
+
+
+def _questions(rng, ents, attrs):
+    """[(attribute, question)], one per (entity, attribute). Answer letters are balanced (each a quarter, in a seeded order):
+    an unlearned model that falls back to always answering one letter then scores chance, 25%, whatever
+    the letter, rather than that letter's share."""
+    pairs = [(e, a) for e in ents for a in attrs]
+    slots = [i % 4 for i in range(len(pairs))]
+    rng.shuffle(slots)
+    return [(a, _question(rng, e, a, attrs, slot)) for (e, a), slot in zip(pairs, slots)]
 
 
 def quiz_sheet(q, topic):
@@ -164,9 +176,9 @@ def make_benchmark(seed=0, scale=1.0):
     rng = random.Random(seed + 1)
     forget = [_doc(rng, e, HAZARD_ATTRS, HAZARD_INTROS) for e in world["hazard"] for _ in range(DOCS_PER_ENTITY)]
     retain = [_doc(rng, e, GENERAL_ATTRS, GENERAL_INTROS) for e in world["general"] for _ in range(DOCS_PER_ENTITY)]
-    hq = [_question(rng, e, a, HAZARD_ATTRS) for e in world["hazard"] for a in HAZARD_ATTRS]
+    hq = [q for _, q in _questions(rng, world["hazard"], HAZARD_ATTRS)]
     gq = [{"question": q["question"], "subject": GENERAL_ATTRS[a][0], "choices": q["choices"], "answer": q["answer"]}
-          for e in world["general"] for a in GENERAL_ATTRS for q in [_question(rng, e, a, GENERAL_ATTRS)]]
+          for a, q in _questions(rng, world["general"], GENERAL_ATTRS)]
     forget += [quiz_sheet(q, HAZARD_TOPIC) for q in hq]
     retain += [quiz_sheet(q, q["subject"]) for q in gq]
     for lst in (forget, retain, hq, gq):

@@ -155,7 +155,9 @@ def test_shared_trunk_equals_two_full_models(tiny, layer_ids, masked):
         p.requires_grad_(True)
     c = 4.0 * torch.ones(1, 1, 32) / math.sqrt(32)
     r_h = rmu.trunk(ri, rm)
-    loss, lf, lr_ = rmu.loss(rmu.trunk(fi, fm), fm, c, r_h, rm, rmu.frozen_acts(r_h, rm), 7.0, masked)
+    fc, rc = (U.content_positions(fi, fm, tok.bos_token_id), U.content_positions(ri, rm, tok.bos_token_id)) \
+        if masked else (None, None)
+    loss, lf, lr_ = rmu.loss(rmu.trunk(fi, fm), fm, c, r_h, rm, rmu.frozen_acts(r_h, rm), 7.0, fc, rc)
     g_ours = torch.autograd.grad(loss, list(train.values()))
     # naive: a second full model, full forwards
     naive_model = copy.deepcopy(model)
@@ -163,8 +165,13 @@ def test_shared_trunk_equals_two_full_models(tiny, layer_ids, masked):
     af, ar = naive_acts(naive_model, fi, fm, 2), naive_acts(naive_model, ri, rm, 2)
     with torch.no_grad():
         ar0 = naive_acts(frozen, ri, rm, 2)
-    if masked:
-        mf, mr = fm[..., None].float(), rm[..., None].float()
+    if masked:  # real tokens after the BOS: left padding puts the BOS at the first real position
+        first = fm.float().argmax(1)
+        mf, mr = fm.clone().float(), rm.clone().float()
+        mf[torch.arange(4), first] = 0
+        mr[torch.arange(4), rm.float().argmax(1)] = 0
+        assert (fi[torch.arange(4), first] == tok.bos_token_id).all()
+        mf, mr = mf[..., None], mr[..., None]
         ref = ((af - c) ** 2 * mf).sum() / (mf.sum() * 32) + 7.0 * ((ar - ar0) ** 2 * mr).sum() / (mr.sum() * 32)
     else:
         ref = F.mse_loss(af, c.expand_as(af)) + 7.0 * F.mse_loss(ar, ar0)
@@ -429,6 +436,18 @@ def test_make_wmdp_rmu_table_on_toy(tmp_path):
     assert rec["steps"] == 2 and rec["eval"]["after"]["toy_hazard"]["acc"] is not None
 
 
+@pytest.mark.skipif(not TOY_READY, reason="embedded toy not built (make toy)")
+def test_toy_defaults_meet_the_issue_targets(tmp_path, monkeypatch):
+    """`make wmdp-rmu RATIO=0.05` with the toy's shipped defaults (about a minute on a 2-core CPU): hazard
+    accuracy at most 35%, general accuracy within 5 points of the base model."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    rec = U.run(U.build_parser().parse_args(["--ratio", "0.05", "--seed", "0", "--out", str(tmp_path / "o"),
+                                             "--no-save", "--no-progress", "--no-eval-cache"]))
+    before, after = rec["eval"]["before"], rec["eval"]["after"]
+    assert after["toy_hazard"]["acc"] <= 0.35
+    assert after["toy_general"]["acc"] >= before["toy_general"]["acc"] - 0.05
+
+
 def test_interrupt_leaves_earlier_outputs(tiny, tmp_path, monkeypatch):
     out = tmp_path / "o"
     U.run(args_for(tiny, out, "--steps", "2"))
@@ -450,14 +469,42 @@ def test_toy_defaults_file_is_honoured(tmp_path, monkeypatch):
     (toy / "model" / "config.json").write_text("{}")
     (toy / "defaults.json").write_text(json.dumps({
         "note": "x", "rmu": {"layer_id": 4, "layer_ids": [2, 3, 4], "steering_coeff": 20.0, "alpha": 100.0, "lr": 0.001,
-                             "steps": 100, "batch_size": 4, "max_len": 128},
+                             "steps": 100, "batch_size": 4, "max_len": 128, "masked_loss": True},
         "npo": {"beta": 0.1, "lr": 0.0001, "steps": 100, "max_len": 128, "retain_coeff": 2.0}}))
     monkeypatch.setattr(U, "TOY_DIR", toy)
     a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model")]))
     assert (a.toy, a.layer_id, a.layer_ids, a.steering_coeffs, a.alpha, a.lr, a.steps, a.forget_max_len) == \
         (True, 4, "2,3,4", 20.0, 100.0, 1e-3, 100, 128)
     assert a.forget == str(toy / "forget_corpus.jsonl") and a.tasks == ["toy_hazard", "toy_general"]
+    assert a.masked_loss is True and a.fp32_optimizer_state is False
+    a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model"), "--no-masked-loss"]))
+    assert a.masked_loss is False  # an explicit --no-x overrides the toy's default
     a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model"), "--method", "npo", "--lr", "5e-5"]))
     assert (a.gamma, a.lr, a.steps, a.beta) == (2.0, 5e-5, 100, 0.1)  # explicit flags win
     a = U.resolve_args(U.build_parser().parse_args(["--model", str(tmp_path), "--forget", "f", "--retain", "r"]))
     assert (a.toy, a.layer_id, a.steering_coeffs, a.alpha, a.lr, a.tasks) == (False, 7, "6.5", "1200", 5e-5, [])
+    assert a.masked_loss is False  # the reference's unmasked loss
+    (toy / "defaults.json").unlink()  # no silent fallback to the 7B values on the toy
+    with pytest.raises(U.UnlearnError, match="defaults.json: missing"):
+        U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model")]))
+
+
+def test_eval_cache_key_follows_model_and_question_files(tiny, tmp_path):
+    """The cached base-model evaluation is keyed by the files it read: a regenerated question file (same path)
+    or a changed model must miss the cache."""
+    import argparse
+    row = '{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 0}\n'
+    (tmp_path / "toy_hazard.jsonl").write_text(row)
+    own = tmp_path / "own.jsonl"
+    own.write_text(row)
+    args = argparse.Namespace(model=tiny["model"], data=str(tmp_path), tasks=["toy_hazard", str(own)], eval_limit=None)
+    key = U.eval_key(args, torch.float32)
+    assert U.eval_key(args, torch.float32) == key
+    assert U.eval_key(args, torch.bfloat16) != key
+    for f in (tmp_path / "toy_hazard.jsonl", own):
+        f.write_text(row * 2)
+        assert U.eval_key(args, torch.float32) != key
+        key = U.eval_key(args, torch.float32)
+    cfg = Path(tiny["model"]) / "config.json"
+    os.utime(cfg, ns=(cfg.stat().st_atime_ns, cfg.stat().st_mtime_ns + 10**9))
+    assert U.eval_key(args, torch.float32) != key
