@@ -788,16 +788,18 @@ def train_npo(args, model, tok, forget_sel, retain_docs, train, opt, device):
 
 def eval_key(args, dtype):
     """Cache key of the base model's evaluation: model and task files (size, mtime), tasks, limit, dtype."""
-    from data import MUSE_DIRS, TASKS
+    from data import MUSE_DIRS, DataError, resolve_task
+    from evaluate import MUSE_TASKS
     mdir = Path(args.model).resolve()
     files = [f for f in mdir.iterdir() if f.suffix in (".safetensors", ".json")]
     for t in args.tasks:  # the question files too: a regenerated benchmark must not hit an old entry
-        if t in TASKS:
-            files.append(Path(args.data, TASKS[t][0]))
-        elif t.startswith("muse_") and t[5:] in MUSE_DIRS:
-            files += Path(args.data, MUSE_DIRS[t[5:]]).glob("*")
-        else:
-            files.append(Path(t))
+        if t in MUSE_TASKS:
+            files += Path(args.data, MUSE_DIRS[MUSE_TASKS[t]]).glob("*")
+            continue
+        try:
+            files.append(Path(resolve_task(t, args.data)[1]))
+        except DataError:  # missing: the evaluation itself reports it
+            pass
     stamp = sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
     blob = json.dumps([stamp, args.tasks, args.eval_limit, str(dtype)])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]

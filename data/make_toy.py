@@ -150,9 +150,9 @@ def _question(rng, e, attr, attrs, slot):
 
 
 def _questions(rng, ents, attrs):
-    """[(attribute, question)], one per (entity, attribute). Answer letters are balanced (each a quarter, in a seeded order):
-    an unlearned model that falls back to always answering one letter then scores chance, 25%, whatever
-    the letter, rather than that letter's share."""
+    """[(attribute, question)], one per (entity, attribute). Answer letters are balanced (each a quarter, in a
+    seeded order): an unlearned model that falls back to always answering one letter then scores chance, 25%,
+    whatever the letter, rather than that letter's share."""
     pairs = [(e, a) for e in ents for a in attrs]
     slots = [i % 4 for i in range(len(pairs))]
     rng.shuffle(slots)
