@@ -1,13 +1,16 @@
-# Every target builds .venv on first use. With no MODEL and DATA the runs use the embedded default
-# (data/toy: a small fictional benchmark and the model trained on it); real runs name local paths:
+# Every target builds .venv from requirements.lock on first use. With no MODEL and DATA the runs use the
+# embedded default (data/toy: a small fictional benchmark and the model trained on it); real runs name local
+# paths:
 #   make wmdp-rmu RATIO=0.05 MODEL=/models/zephyr-7b-beta DATA=/data/unlearning
+# A machine that brings its own torch/triton (a GPU box, a cluster) and has no package index runs any target
+# with that Python instead, installing nothing:  make bench PY=python3
 SHELL := /bin/bash
-PY    := .venv/bin/python
-STAMP := .venv/.installed
-
-# A machine without a GPU takes the CPU build of torch (on this project's machines it lies on local disk);
-# a machine with one takes the default CUDA build. An already installed torch is kept.
-TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+VENV  := .venv
+PY    ?= $(VENV)/bin/python
+STAMP := $(VENV)/.installed-lock
+# the venv is built only when PY is the venv's own python
+SETUP := $(if $(filter $(VENV)/bin/python,$(PY)),$(STAMP),)
+PIP   := -m pip install -q --disable-pip-version-check
 
 MODEL ?=
 DATA  ?=
@@ -31,34 +34,50 @@ endif
 MODEL_DIR := $(if $(MODEL),$(MODEL),data/toy/model)
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 
-.PHONY: setup test toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select clean
+.PHONY: setup test lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select
 
-setup: $(STAMP)
+setup: $(SETUP)
 
-$(STAMP): pyproject.toml
-	python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+# torch==2.13.0 in the lock: the CPU build from local disk on this project's CPU machines, the CUDA build
+# from the index elsewhere. A venv made by an older Makefile had the project installed in editable mode (which
+# mapped model, data, evaluate, ... as top-level names for every program in the venv): that goes.
+$(STAMP): requirements.lock
+	python3 -m venv $(VENV)
+	$(PY) -m pip uninstall -q -y coreset-unlearning 2>/dev/null || true
+	$(PY) $(PIP) -r requirements.lock
 	touch $@
 
-test: $(STAMP)
+# CI runs this (.ci/run). REQUIRE_REAL_CHECKPOINT=1 turns the skip of the real-checkpoint tests into a failure.
+test: $(SETUP)
 	$(PY) -m pytest tests
 
-# ---------------------------------------------------------------------------------------------- data
-toy: $(STAMP)
-	$(PY) data/make_toy.py
+# Move the lock forward on purpose: resolve the newest versions of requirements.in in a scratch venv, run the
+# test suite against them, and only then write requirements.lock (torch's local build tag dropped, so the
+# line fits CPU and CUDA machines alike). Commit the new lock with the tests' result.
+LOCK_VENV := .venv-lock
+lock:
+	rm -rf $(LOCK_VENV) && python3 -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python $(PIP) --upgrade -r requirements.in
+	$(MAKE) test PY=$(LOCK_VENV)/bin/python
+	{ sed -n '/^#/p' requirements.lock; $(LOCK_VENV)/bin/python -m pip freeze --all | \
+	  grep -viE '^(pip|setuptools|wheel)==' | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
+	@echo "lock: requirements.lock moved forward and tested; git diff requirements.lock shows what changed"
 
-fetch: $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[fetch]"
-	$(PY) data/fetch.py --data $(if $(DATA),$(DATA),data/real) $(if $(MODEL),--model $(MODEL),)
+# ---------------------------------------------------------------------------------------------- data
+toy: $(SETUP)
+	$(PY) -m data.make_toy
+
+fetch: $(SETUP)
+	$(PY) -m data.fetch --data $(if $(DATA),$(DATA),data/real) $(if $(MODEL),--model $(MODEL),)
 
 # ---------------------------------------------------------------------------------------------- benchmarks (GPU)
-bench: $(STAMP)
-	$(PY) kernels/bench.py
+bench: $(SETUP)
+	$(PY) -m lpkernels.bench
 
 # questions/s, ours vs the harness's Hugging Face path, same weights and questions (GPU; LIMIT per task/subject)
 LIMIT ?= 50
-bench-eval: $(STAMP)
+bench-eval: $(SETUP)
 	$(PY) evaluate.py --bench --model $(MODEL_DIR) --data $(DATA_DIR) --tasks $(WMDP_TASKS) --limit $(LIMIT)
 
 # --- unlearning (unlearn.py; owner: issue 4) -----------------------------------------------------
@@ -81,17 +100,17 @@ define unlearn
 	  --seed $(SEED) $(STEPS_FLAG) --data $(DATA_DIR) --eval-tasks $(4) --out $(UNLEARN_RUN) $(5) $(UNLEARN_FLAGS)
 endef
 
-wmdp-rmu: $(STAMP)
+wmdp-rmu: $(SETUP)
 	$(call unlearn,rmu,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),)
 
-wmdp-npo: $(STAMP)
+wmdp-npo: $(SETUP)
 	$(call unlearn,npo,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),--npo-mean-tokens)
 
-muse-npo: $(STAMP)
+muse-npo: $(SETUP)
 	@if [ -z "$(DATA)" ]; then echo "muse-npo: needs DATA=DIR holding muse/news (get it with make fetch DATA=DIR) and MODEL=the MUSE News target model; the embedded toy has no MUSE data (try make wmdp-npo)" >&2; exit 2; fi
 	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),muse_news,--chunk-tokens 2048 --forget-max-len 2048 --retain-max-len 2048 --grad-accum 8)
 
-bench-unlearn: $(STAMP)
+bench-unlearn: $(SETUP)
 	$(PY) unlearn.py --bench
 
 # --- coreset sweep (coreset.py sweep: select, unlearn, evaluate per cell; table + plot; reruns skip finished cells)
@@ -110,14 +129,8 @@ SWEEP_COMMON = --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forg
   --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" $(STEPS_FLAG) \
   $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
 
-# the figure needs matplotlib (an optional dependency): installed on first use of a sweep target
-PLOT_STAMP := .venv/.installed-plot
-$(PLOT_STAMP): $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[plot]"
-	touch $@
-
-sweep: $(PLOT_STAMP)
+sweep: $(SETUP)
 	$(PY) coreset.py sweep $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)
 
-sweep-select: $(PLOT_STAMP)
+sweep-select: $(SETUP)
 	$(PY) coreset.py sweep $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)

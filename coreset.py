@@ -20,7 +20,7 @@ e.g. a single token, comes last):
   minkpp    Min-K%++: -mean of the lowest k% of (log p(x_t) - mu_t) / sigma_t             default order: low
             (mu_t, sigma_t: mean and std of log p under the model's next-token distribution)
             These four are loss-like (higher = the model finds the text less likely) and all come from one
-            batched pass of kernels.token_stats. The default keeps the documents the model finds most likely:
+            batched pass of lpkernels.token_stats. The default keeps the documents the model finds most likely:
             the membership-inference reading (what the model has absorbed is what unlearning must remove);
             `--order high` keeps the hardest documents instead.
   grand     GraNd: per-document gradient norm of the unlearning loss with respect to the trained parameters,
@@ -209,9 +209,9 @@ def _pad(tok, seqs, device):
 
 @torch.no_grad()
 def token_scores(model, tok, docs, max_length=MAX_LENGTH, batch_size=BATCH_SIZE, k=MINK_K, progress=True, desc="scoring"):
-    """One batched pass of kernels.token_stats over docs -> dict method -> np.ndarray (n,) (loss, zlib, mink, minkpp).
+    """One batched pass of lpkernels.token_stats over docs -> dict method -> np.ndarray (n,) (loss, zlib, mink, minkpp).
     Each document is scored on its tokens 2..L (L <= max_length): the first token has no prediction."""
-    from kernels import token_stats
+    from lpkernels import token_stats
     device, W = model.lm_head_weight.device, model.lm_head_weight
     seqs = encode_docs(tok, docs, max_length)
     out = {m: np.full(len(docs), np.nan) for m in TOKEN_METHODS}
@@ -298,7 +298,7 @@ def grand_batch(model, ids, mask, loss="rmu", layer_id=LAYER_ID, layer_ids=(5, 6
                 per_tok = (act.float() - control.to(act.device)).square().mean(-1)            # (B, T)
                 doc_loss = (per_tok * m).sum(1) / m.sum(1)               # (B,)
             else:
-                from kernels import fused_logprob
+                from lpkernels import fused_logprob
                 h = model.model.embed_tokens(ids).detach().requires_grad_(True)   # (B, T, d)
                 hid = model(hidden_states=h, attention_mask=mask, output="hidden")[:, :-1]  # (B, T-1, d)
                 targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)            # (B, T-1)

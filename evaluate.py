@@ -530,7 +530,7 @@ def evaluate_muse(model, tok, muse_dir, task="muse_news", batch_size=8, limit=No
     for need in ("verbmem_forget", "privleak_forget", "privleak_holdout"):
         if need not in parts:
             raise EvalError(f"missing MUSE file {os.path.join(str(muse_dir), need + '.jsonl')}: "
-                            "get it with `make fetch DATA=<dir>` (python data/fetch.py --data <dir>)")
+                            "get it with `make fetch DATA=<dir>` (python -m data.fetch --data <dir>)")
     try:
         d = datamod.read_muse(muse_dir, parts)
     except ValueError as e:  # data.DataError: one line naming the file

@@ -37,7 +37,7 @@ NPO family (REFERENCE 3): per step one forget batch (topics interleaved, right p
   + retain term gamma * CE_retain (--retain-loss gd) or gamma * KL(ref || current) on retain tokens (kl).
   The reference log-probs are computed once before training (no second model resident); for kl the reference's
   final hidden states of the retain batches (CPU) and a copy of its LM head are kept. All log-probs go through
-  kernels.fused_sequence_loss / fused_logprob (the (N, V) logits never exist), except the KL term (a chunked,
+  lpkernels.fused_sequence_loss / fused_logprob (the (N, V) logits never exist), except the KL term (a chunked,
   checkpointed log-softmax: it needs whole distributions). Warmup, linear/cosine/constant schedule, gradient
   accumulation, clipping, bf16 weights with --fp32-optimizer-state (fp32 moments and master weights).
 
@@ -597,7 +597,7 @@ def simnpo_loss_fn(beta, delta):
 
 def sequence_logps(model, ids, mask):
     """Per-sequence (sum of target log-probs (B,), number of targets (B,)), no gradients."""
-    from kernels import fused_logprob
+    from lpkernels import fused_logprob
     with torch.no_grad():
         h = model(ids, mask, output="hidden")                                   # (B, T, d)
         tgt = shift_targets(ids, mask)
@@ -620,8 +620,8 @@ def kl_ref_current(h, W, h_ref, W_ref, chunk=1024):
 
 
 def forget_loss(method, model, ids, mask, beta, delta, mean_tokens, ref=None):
-    """The forget term of one batch through kernels.fused_sequence_loss. ref: (B,) reference log-probs (NPO)."""
-    from kernels import fused_sequence_loss
+    """The forget term of one batch through lpkernels.fused_sequence_loss. ref: (B,) reference log-probs (NPO)."""
+    from lpkernels import fused_sequence_loss
     h = model(ids, mask, output="hidden")                                       # (B, T, d)
     B, T, d = h.shape
     tgt = shift_targets(ids, mask).reshape(-1)
@@ -637,7 +637,7 @@ def forget_loss(method, model, ids, mask, beta, delta, mean_tokens, ref=None):
 
 
 def retain_ce(model, ids, mask):
-    from kernels import fused_sequence_loss
+    from lpkernels import fused_sequence_loss
     h = model(ids, mask, output="hidden")
     B, T, d = h.shape
     return fused_sequence_loss(h.reshape(B * T, d), model.lm_head_weight, shift_targets(ids, mask).reshape(-1),
@@ -1078,7 +1078,7 @@ def main(argv=None):
     errors = (UnlearnError, DataError, CheckpointError)
     try:
         from evaluate import EvalError
-        from kernels import KernelInputError
+        from lpkernels import KernelInputError
         errors += (EvalError, KernelInputError)
     except ImportError:
         pass

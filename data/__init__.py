@@ -5,7 +5,7 @@ Everything here is a pure function of the files on disk: no network, no tokenize
 Bad input raises DataError (a ValueError) with a one-line message "FILE:LINE: expected ..."
 (Parquet: "FILE:row N: expected ..."); a missing file is named together with how to get it.
 
-The DATA layout (what `python data/fetch.py --data DATA` writes; `make fetch DATA=...`):
+The DATA layout (what `python -m data.fetch --data DATA` writes; `make fetch DATA=...`):
 
     DATA/wmdp/bio-forget-corpus.jsonl      {"text": ...} per line (gated: see BIO_FORGET_HOWTO)
     DATA/wmdp/cyber-forget-corpus.jsonl    {"text": ...}    cais/wmdp-corpora cyber-forget-corpus
@@ -125,10 +125,10 @@ def how_to_get(path):
         return BIO_FORGET_HOWTO
     if "/toy/" in p or Path(p).name in ("toy_hazard.jsonl", "toy_general.jsonl",
                                          "forget_corpus.jsonl", "retain_corpus.jsonl"):
-        return "rebuild the embedded toy benchmark with `make toy` (python data/make_toy.py)"
+        return "rebuild the embedded toy benchmark with `make toy` (python -m data.make_toy)"
     known = [BIO_RETAIN, CYBER_FORGET, CYBER_RETAIN, WIKITEXT] + [rel for rel, _ in TASKS.values()]
     if any(p.endswith(rel) for rel in known) or "/muse/" in p or p.startswith("muse/"):
-        return "download it with `make fetch DATA=<dir>` (python data/fetch.py --data <dir>)"
+        return "download it with `make fetch DATA=<dir>` (python -m data.fetch --data <dir>)"
     return "check the path"
 
 
@@ -360,5 +360,5 @@ def read_muse(muse_dir, parts=None):
     missing = [p for p in parts if not os.path.isfile(os.path.join(muse_dir, p + ".jsonl"))]
     if missing:
         raise DataError(f"missing MUSE file(s) in {muse_dir}: {', '.join(m + '.jsonl' for m in missing)}: "
-                        "download them with `make fetch DATA=<dir>` (python data/fetch.py --data <dir>)")
+                        "download them with `make fetch DATA=<dir>` (python -m data.fetch --data <dir>)")
     return {p: read_muse_file(os.path.join(muse_dir, p + ".jsonl"), MUSE_FILES[p]) for p in parts}

@@ -1,7 +1,7 @@
 """
 Download a model snapshot and the real benchmark data into the DATA layout of data/__init__.py.
 
-    python data/fetch.py --model HuggingFaceH4/zephyr-7b-beta --data DATA [--model-dir DIR]
+    python -m data.fetch --model HuggingFaceH4/zephyr-7b-beta --data DATA [--model-dir DIR]
     (make fetch MODEL=... DATA=...)
 
 Needs network access and two optional packages: huggingface_hub (downloads) and pyarrow (the Hub
@@ -29,11 +29,7 @@ import glob
 import json
 import os
 import shutil
-import sys
 import time
-
-if __name__ == "__main__":  # run as a script (python data/fetch.py): make `import data` work
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data import (BIO_FORGET, BIO_FORGET_HOWTO, BIO_RETAIN, CYBER_FORGET, CYBER_RETAIN, MUSE_DIRS, MUSE_FILES,
                   TASKS, WIKITEXT, DataError, mc_record)

@@ -1,4 +1,4 @@
-"""Build the embedded default benchmark and model (`make toy` = `python data/make_toy.py`).
+"""Build the embedded default benchmark and model (`make toy` = `python -m data.make_toy`).
 
 A fictional benchmark in WMDP's shape, deterministic under --seed:
   forget_corpus.jsonl  hazard-domain documents about fictional pathogens (every fact in several wordings)
@@ -10,22 +10,20 @@ then a byte-level BPE tokenizer and a small Llama-style model (model.py) trained
 corpora. Everything the model knows about the hazard agents, their facts and the hazard questions'
 answers, comes from the forget corpus: a model trained without it (--no-forget) is at chance there.
 
-  python data/make_toy.py                      # data + tokenizer + model into data/toy/
-  python data/make_toy.py --data-only --out /tmp/t --scale 0.2
-  python data/make_toy.py --no-forget --out /tmp/nf   # same model trained without the forget corpus
+  python -m data.make_toy                      # data + tokenizer + model into data/toy/
+  python -m data.make_toy --data-only --out /tmp/t --scale 0.2
+  python -m data.make_toy --no-forget --out /tmp/nf   # same model trained without the forget corpus
 """
 import argparse
 import json
 import math
 import os
 import random
-import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)  # model.py (the model, atomic writers) and evaluate.py
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(

@@ -1,11 +1,8 @@
 """Shared pytest setup. Without CUDA, Triton kernels run in the interpreter: TRITON_INTERPRET must be
 set before anything imports triton (triton.jit picks compiled vs interpreted at decoration time)."""
 import os
-import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root importable

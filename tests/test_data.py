@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 from data import DataError  # noqa: E402
@@ -193,8 +192,6 @@ def test_tasks_table():
 
 
 def test_toy_topic_matches_generator():
-    if not (ROOT / "data" / "make_toy.py").exists():
-        pytest.skip("data/make_toy.py not there")
     from data import make_toy
     assert data.TASKS["toy_hazard"][1] == make_toy.HAZARD_TOPIC
 
@@ -442,6 +439,5 @@ def test_fetch_cli(tmp_path):
     record = json.loads((tmp_path / "D" / "fetch.json").read_text())
     assert record["args"]["parts"] == "wmdp,wikitext" and record["results"]["wmdp/wmdp_chem.jsonl"] == 1
     assert sorted(os.listdir(tmp_path / "D")) == ["fetch.json", "wikitext", "wmdp"]
-    r = subprocess.run([sys.executable, str(ROOT / "data" / "fetch.py"), "--help"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run([sys.executable, "-m", "data.fetch", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--model-dir" in r.stdout

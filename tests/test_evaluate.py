@@ -5,14 +5,11 @@ Tiny random Llama models (model.py) with tokenizers trained here; the harness's 
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import evaluate as E  # noqa: E402
 from model import ModelConfig, Transformer, load_tokenizer  # noqa: E402
@@ -432,10 +429,26 @@ def test_bench_emulation_matches_ours_and_transformers(word_model):
     assert max(abs(a - b) for x, y in zip(ours, ref) for a, b in zip(x, y)) < 1e-4
 
 
+def bos_in_post_processor(src, dst):
+    """A copy of a checkpoint whose tokenizer adds BOS through tokenizer.json's post-processor (as real Llama,
+    Mistral and Llama 3 tokenizer.json files do) instead of tokenizer_config.json's add_bos_token, which
+    transformers 5 ignores for a generic fast tokenizer while ours honours it (as transformers 4 did)."""
+    import shutil
+    from tokenizers import Tokenizer, processors
+    shutil.copytree(src, dst)
+    tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(dst / "tokenizer.json"))
+    conf = json.loads((dst / "tokenizer_config.json").read_text())
+    (dst / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in conf.items() if not k.startswith("add_")}))
+    return dst
+
+
 def test_bench_runs_end_to_end_on_cpu(word_model, data_dir, tmp_path):
-    """bench-eval's whole flow (CPU here; the CLI insists on CUDA): ours vs the harness path, same predictions."""
+    """bench-eval's whole flow (CPU here; the CLI insists on CUDA): ours vs the harness (lm_eval's HFLM itself
+    when installed, as in the lock; else the emulation), same predictions and log-likelihoods."""
     pytest.importorskip("transformers")
-    path, _, _ = word_model
+    path = bos_in_post_processor(word_model[0], tmp_path / "model")
     import argparse
     args = argparse.Namespace(model=str(path), data=str(data_dir), tasks="toy_hazard,toy_general", limit=3,
                               batch_size=4, batch_tokens=300, dtype=None, bos=None, ll_dtype="model",

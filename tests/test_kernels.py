@@ -1,12 +1,12 @@
-"""Tests for kernels/: the Triton kernels (under TRITON_INTERPRET=1 on CPU) and the chunked PyTorch
+"""Tests for lpkernels/: the Triton kernels (under TRITON_INTERPRET=1 on CPU) and the chunked PyTorch
 reference path, both against float64 PyTorch built from the full logits. GPU tests skip without CUDA."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import KernelInputError, TokenStats, fused_logprob, fused_sequence_loss, token_stats
-from kernels._util import chunk_rows as pick_chunk_rows, kernels_interpreted
+import lpkernels
+from lpkernels import KernelInputError, TokenStats, fused_logprob, fused_sequence_loss, token_stats
+from lpkernels._util import chunk_rows as pick_chunk_rows, kernels_interpreted
 
 IGNORE = -100
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}   # max abs error relative to max |reference|
@@ -229,7 +229,7 @@ def test_chunk_size_choice():
     assert pick_chunk_rows(8192, 128256, torch.bfloat16, cuda) == 2048     # 4 chunks of 501 MiB
     for N, V, dt in [(8192, 128256, torch.float32), (100, 32000, torch.bfloat16), (5000, 151936, torch.bfloat16)]:
         rows = pick_chunk_rows(N, V, dt, cuda)
-        assert rows * V * torch.empty((), dtype=dt).element_size() <= kernels._util.MAX_CHUNK_BYTES
+        assert rows * V * torch.empty((), dtype=dt).element_size() <= lpkernels._util.MAX_CHUNK_BYTES
         assert 1 <= rows <= max(N, 16)
     assert pick_chunk_rows(1000, 32000, torch.float32, torch.device("cpu")) * 32000 * 4 <= 64 * 2**20
 
@@ -289,13 +289,11 @@ def test_gpu_sequence_loss_memory_bounded(monkeypatch):
 
 
 _COMPILE_SCRIPT = r"""
-import sys
-sys.path.insert(0, sys.argv[1])
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels.logprob import _lse_logp_kernel, _grad_kernel
-from kernels.token_stats import _stats_kernel
+from lpkernels.logprob import _lse_logp_kernel, _grad_kernel
+from lpkernels.token_stats import _stats_kernel
 common = dict(stride_x="i32", t_ptr="*i64", V="i32", ignore_index="i32", BLOCK_V="constexpr")
 for dt in ("bf16", "fp32"):
     for fn, outs, warps in ((_lse_logp_kernel, ("lse_ptr", "logp_ptr"), 8), (_grad_kernel, ("lse_ptr", "c_ptr"), 8),
@@ -318,6 +316,6 @@ def test_kernels_compile_for_sm90_without_gpu():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, root], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]

@@ -9,9 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "data", "toy")
-sys.path.insert(0, os.path.join(ROOT, "data"))
-sys.path.insert(0, ROOT)
-import make_toy  # noqa: E402
+from data import make_toy  # noqa: E402
 
 FILES = ["forget_corpus.jsonl", "retain_corpus.jsonl", "toy_hazard.jsonl", "toy_general.jsonl"]
 
@@ -35,8 +33,8 @@ def test_generator_deterministic(tmp_path):
 
 def test_cli_data_only_matches_function(tmp_path):
     out = tmp_path / "cli"
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "make_toy.py"), "--data-only", "--scale", "0.2",
-                    "--out", str(out)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "data.make_toy", "--data-only", "--scale", "0.2", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
     make_toy.write_data(str(tmp_path / "fn"), seed=0, scale=0.2)
     assert _digests(out) == _digests(tmp_path / "fn")
 

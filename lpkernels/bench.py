@@ -1,8 +1,8 @@
 """Benchmark the fused kernels against the bare-matmul floor, eager PyTorch, torch.compile and Liger.
 
-    python kernels/bench.py                   # N=8192 (16 x 512), d=4096, V in {32000, 128256}, bf16
-    python kernels/bench.py --quick           # N=2048 (4 x 512), d=1024, V=32000: a one-minute smoke run
-    python kernels/bench.py --out run.json    # also write the JSON record to a file (atomically)
+    python -m lpkernels.bench                   # N=8192 (16 x 512), d=4096, V in {32000, 128256}, bf16
+    python -m lpkernels.bench --quick           # N=2048 (4 x 512), d=1024, V=32000: a one-minute smoke run
+    python -m lpkernels.bench --out run.json    # also write the JSON record to a file (atomically)
 
 Three tasks, each timed with triton.testing.do_bench (median ms, L2 flushed between runs):
   fwd     per-token log-probs, no grad                           floor: 1 matmul  H W^T
@@ -17,7 +17,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import sys
 import time
 
@@ -36,8 +35,6 @@ REP_MS = 100
 TARGET_RATIO = {"fwd": 1.10, "tok_fb": 1.10, "npo_fb": 1.15}
 TARGET_MIB = {32000: 256, 128256: 512}
 # -----------------------------------------------------------------------------
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
 
 def parse_args(argv=None):
@@ -95,7 +92,7 @@ def eager_npo(h, w, t, ref, n_seq):
 def make_impls(names):
     """{impl: {task: callable(H, W, t, g, ref, n_seq) -> output}} for the importable implementations."""
     import torch
-    from kernels import fused_logprob, fused_sequence_loss
+    from lpkernels import fused_logprob, fused_sequence_loss
     impls = {}
     if "ours" in names:
         def ours_npo(h, w, t, ref, S):
@@ -280,7 +277,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("kernels/bench.py: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured",
+        print("lpkernels/bench.py: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured",
               file=sys.stderr)
         return 2
     import triton
@@ -292,7 +289,7 @@ def main(argv=None):
         rows += run_vocab(V, args, impls, dtype)
     print_table(rows)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rec = dict(bench="kernels/bench.py", date=now, seed=args.seed,
+    rec = dict(bench="lpkernels/bench.py", date=now, seed=args.seed,
                device="cpu smoke run (not a measurement)" if args.cpu_smoke else torch.cuda.get_device_name(),
                torch=torch.__version__, triton=triton.__version__,
                args={k: v for k, v in vars(args).items()}, seconds=round(time.time() - t0, 1), results=rows)

@@ -2,7 +2,7 @@
 chunked over rows so the (N, V) logits never exist. CUDA tensors run Triton kernels; CPU tensors run the
 chunked PyTorch reference unless TRITON_INTERPRET=1 (then the Triton kernels run in the interpreter).
 
-    from kernels import fused_logprob, fused_sequence_loss, token_stats, TokenStats
+    from lpkernels import fused_logprob, fused_sequence_loss, token_stats, TokenStats
 """
 from ._util import KernelInputError
 from .logprob import fused_logprob

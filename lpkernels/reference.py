@@ -1,6 +1,6 @@
 """Plain PyTorch versions of the per-chunk row operations (the CPU / memory-safe reference path).
 
-The ops in kernels/ loop over row chunks of the logits, logits_chunk = hidden[rows] @ weight.T (rows, V),
+The ops in lpkernels/ loop over row chunks of the logits, logits_chunk = hidden[rows] @ weight.T (rows, V),
 and hand each chunk to three row operations. These are the PyTorch versions; the Triton kernels in
 logprob.py and token_stats.py compute the same things in one pass over each row. All math is fp32,
 whatever the dtype of the chunk buffer.

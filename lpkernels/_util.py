@@ -1,7 +1,7 @@
 """Shared plumbing for the kernels: dispatch, chunk sizing, input checks, launching.
 
 Dispatch rule (read at call time): CUDA tensors run the Triton kernels; CPU tensors run the chunked
-PyTorch reference (kernels/reference.py) unless the environment has TRITON_INTERPRET=1, in which case
+PyTorch reference (lpkernels/reference.py) unless the environment has TRITON_INTERPRET=1, in which case
 the Triton kernels run on CPU under the interpreter.
 """
 import os
@@ -19,7 +19,7 @@ INTERPRET_BLOCK_V = 256        # small vocab block under the interpreter, so tes
 
 
 class KernelInputError(ValueError):
-    """Bad arguments to a kernels/ op; the message names the op and what was expected."""
+    """Bad arguments to a lpkernels/ op; the message names the op and what was expected."""
 
 
 def interpreting() -> bool:
