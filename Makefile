@@ -34,7 +34,7 @@ endif
 MODEL_DIR := $(if $(MODEL),$(MODEL),data/toy/model)
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
 
-.PHONY: setup test lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select
+.PHONY: setup test test-slow test-fast lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select
 
 setup: $(SETUP)
 
@@ -47,9 +47,18 @@ $(STAMP): requirements.lock
 	$(PY) $(PIP) -r requirements.lock
 	touch $@
 
-# CI runs this (.ci/run). REQUIRE_REAL_CHECKPOINT=1 turns the skip of the real-checkpoint tests into a failure.
+# Three tiers (markers in pyproject.toml). CI runs `make test` (.ci/run; REQUIRE_REAL_CHECKPOINT=1 turns the
+# skip of the real-checkpoint tests into a failure): everything but the `slow` tests, <= 15 min on 2 cores.
+# `make test-slow`: the multi-minute tests (toy targets end to end, sweeps, multi-seed); `make test-fast`: the
+# edit loop, < 1 min (no subprocesses of make, no real checkpoint, no harness).
 test: $(SETUP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow"
+
+test-slow: $(SETUP)
+	$(PY) -m pytest tests -m slow
+
+test-fast: $(SETUP)
+	$(PY) -m pytest tests -m "not slow and not real and not harness"
 
 # Move the lock forward on purpose: resolve the newest versions of requirements.in in a scratch venv, run the
 # test suite against them, and only then write requirements.lock (torch's local build tag dropped, so the
@@ -66,37 +75,40 @@ lock:
 
 # ---------------------------------------------------------------------------------------------- data
 toy: $(SETUP)
-	$(PY) -m data.make_toy
+	$(PY) make_toy.py
 
 fetch: $(SETUP)
 	$(PY) -m data.fetch --data $(if $(DATA),$(DATA),data/real) $(if $(MODEL),--model $(MODEL),)
 
 # ---------------------------------------------------------------------------------------------- benchmarks (GPU)
 bench: $(SETUP)
-	$(PY) -m lpkernels.bench
+	$(PY) -m benches.kernels
 
 # questions/s, ours vs the harness's Hugging Face path, same weights and questions (GPU; LIMIT per task/subject)
 LIMIT ?= 50
 bench-eval: $(SETUP)
-	$(PY) evaluate.py --bench --model $(MODEL_DIR) --data $(DATA_DIR) --tasks $(WMDP_TASKS) --limit $(LIMIT)
+	$(PY) -m benches.eval_speed --model $(MODEL_DIR) --data $(DATA_DIR) --tasks $(WMDP_TASKS) --limit $(LIMIT)
 
 # --- unlearning (unlearn.py; owner: issue 4) -----------------------------------------------------
 # make wmdp-rmu RATIO=0.05 [MODEL=DIR DATA=DIR SELECT=random SEED=0 STEPS=N UNLEARN_FLAGS="--lr 1e-5 ..."]
 # SELECT=random draws the coreset inside unlearn.py (--ratio); any other SELECT runs coreset.py first.
-# Each run writes $(OUT)/<target>-<select>-r<ratio>-s<seed>/{run.json,model/} and prints the before/after table.
+# Each run writes $(OUT)/<target>-<select>-r<ratio>-s<seed>/{run.json,model/} (a rerun replaces it as a whole) and
+# prints the before/after table; a selected coreset goes beside it, <run dir>.coreset.jsonl.
 UNLEARN_FLAGS ?=
 UNLEARN_RUN    = $(OUT)/$@-$(SELECT)-r$(RATIO)-s$(SEED)
+# the coreset lies beside the run directory, not inside it: an input inside an output would be replaced with it
+CORESET_FILE   = $(UNLEARN_RUN).coreset.jsonl
 MUSE_FORGET   := $(DATA)/muse/news/raw_forget.jsonl
 MUSE_RETAIN   := $(DATA)/muse/news/raw_retain1.jsonl
 # $(call unlearn,METHOD,FORGET,RETAIN,TASKS,EXTRA FLAGS)
 define unlearn
-	@mkdir -p $(UNLEARN_RUN)
 	@if [ "$(SELECT)" != "random" ]; then \
 	  echo "+ coreset.py --method $(SELECT) --ratio $(RATIO) --seed $(SEED)"; \
 	  $(PY) coreset.py --method $(SELECT) --model $(MODEL_DIR) --forget $(2) --ratio $(RATIO) --seed $(SEED) \
-	    --out $(UNLEARN_RUN)/coreset.jsonl || exit $$?; fi
+	    $(if $(filter grand,$(SELECT)),--grand-loss $(if $(filter rmu,$(1)),rmu,npo),) \
+	    --out $(CORESET_FILE) || exit $$?; fi
 	$(PY) unlearn.py --method $(1) --model $(MODEL_DIR) --forget $(2) --retain $(3) \
-	  $(if $(filter random,$(SELECT)),--ratio $(RATIO),--coreset $(UNLEARN_RUN)/coreset.jsonl) \
+	  $(if $(filter random,$(SELECT)),--ratio $(RATIO),--coreset $(CORESET_FILE)) \
 	  --seed $(SEED) $(STEPS_FLAG) --data $(DATA_DIR) --eval-tasks $(4) --out $(UNLEARN_RUN) $(5) $(UNLEARN_FLAGS)
 endef
 
@@ -104,33 +116,33 @@ wmdp-rmu: $(SETUP)
 	$(call unlearn,rmu,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),)
 
 wmdp-npo: $(SETUP)
-	$(call unlearn,npo,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),--npo-mean-tokens)
+	$(call unlearn,npo,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),)
 
 muse-npo: $(SETUP)
 	@if [ -z "$(DATA)" ]; then echo "muse-npo: needs DATA=DIR holding muse/news (get it with make fetch DATA=DIR) and MODEL=the MUSE News target model; the embedded toy has no MUSE data (try make wmdp-npo)" >&2; exit 2; fi
-	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),muse_news,--chunk-tokens 2048 --forget-max-len 2048 --retain-max-len 2048 --grad-accum 8)
+	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),muse_news,--no-npo-mean-tokens --chunk-tokens 2048 --forget-max-len 2048 --retain-max-len 2048 --grad-accum 8)
 
 bench-unlearn: $(SETUP)
-	$(PY) unlearn.py --bench
+	$(PY) -m benches.unlearn_step
 
-# --- coreset sweep (coreset.py sweep: select, unlearn, evaluate per cell; table + plot; reruns skip finished cells)
+# --- coreset sweep (coreset_sweep.py: select, unlearn, evaluate per cell; table + plot; reruns skip finished cells)
 #   make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2" [MODEL= DATA= STEPS=]
 #     -> $(OUT)/sweep-<method>-<select>/results.{md,json,png}
 #   make sweep-select METHOD=rmu RATIO=0.05 SELECTS="random loss zlib mink minkpp grand moderate" SEEDS="0 1 2"
 #     -> $(OUT)/sweep-select-<method>-r<ratio>/results.{md,json,png}
-# SWEEP_FLAGS adds coreset.py sweep flags (e.g. --docs docs/coreset_sweep, --keep-models, --select-args "...").
+# SWEEP_FLAGS adds coreset_sweep.py flags (e.g. --docs docs/coreset_sweep, --keep-models, --select-args "...").
 METHOD  ?= rmu
 RATIOS  ?= 0.01 0.05 0.1 0.2 1.0
 SEEDS   ?= 0 1 2
 SELECTS ?= random loss zlib mink minkpp grand moderate
 SWEEP_FLAGS ?=
-SWEEP_UNLEARN = $(strip $(if $(filter npo,$(METHOD)),--npo-mean-tokens,) $(UNLEARN_FLAGS))
+SWEEP_UNLEARN = $(strip $(UNLEARN_FLAGS))
 SWEEP_COMMON = --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
   --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" $(STEPS_FLAG) \
   $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
 
 sweep: $(SETUP)
-	$(PY) coreset.py sweep $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)
+	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)
 
 sweep-select: $(SETUP)
-	$(PY) coreset.py sweep $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)
+	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)

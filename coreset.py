@@ -1,84 +1,47 @@
-"""Coreset selection for LLM unlearning, keyword-only forget sets, and the coreset sweep (the paper's main figure).
-
-Selection: one JSON line per selected forget document, read by `unlearn.py --coreset FILE`:
+"""Coreset selection for LLM unlearning, and keyword-only forget sets. One JSON line per selected forget document,
+read by `unlearn.py --coreset FILE`:
 
     python coreset.py --method random --forget data/toy/forget_corpus.jsonl --ratio 0.05 --seed 0 --out cs.jsonl
     python coreset.py --method mink --model data/toy/model --forget F1.jsonl,F2.jsonl --ratio 0.05 --out cs.jsonl
     -> cs.jsonl  {"file": <forget path as given>, "index": <0-based index in data.read_corpus(file)>, "score": float|null}
-       cs.json   run record: run_info (args, versions, device), per-file counts, timings
+       cs.json   run record: arguments, versions, device, per-file counts, timings
 
---ratio: a fraction of each forget file's documents (0 < r <= 1, Python's round), or above 1 a whole document
-count per file (capped at the file's size); always at least one document per file. With several forget files
-(one per topic, `--forget bio.jsonl,cyber.jsonl`) every file is scored and selected on its own.
+--ratio: a fraction of each forget file's documents (0 < r <= 1, Python's round) or above 1 a document count per
+file; at least one document per file. Each forget file (one per topic) is scored and selected on its own.
 
-Methods and their scores (selection keeps the `--order` end; ties go to the lower index; a document with no score,
-e.g. a single token, comes last):
-  random    seeded uniform sample without replacement (score null). No model needed.
+Methods (selection keeps the `--order` end; ties to the lower index; a document with no score comes last):
+  random    seeded uniform sample without replacement (score null); the same draw as `unlearn.py --ratio`.
   loss      mean token negative log-likelihood                                            default order: low
   zlib      loss / zlib-compressed byte length of the scored text (Carlini et al. 2021)   default order: low
   mink      Min-K% Prob: -mean of the lowest k% token log-probs (k = --mink-k, 0.4)       default order: low
-  minkpp    Min-K%++: -mean of the lowest k% of (log p(x_t) - mu_t) / sigma_t             default order: low
-            (mu_t, sigma_t: mean and std of log p under the model's next-token distribution)
-            These four are loss-like (higher = the model finds the text less likely) and all come from one
-            batched pass of lpkernels.token_stats. The default keeps the documents the model finds most likely:
-            the membership-inference reading (what the model has absorbed is what unlearning must remove);
-            `--order high` keeps the hardest documents instead.
-  grand     GraNd: per-document gradient norm of the unlearning loss with respect to the trained parameters,
-            at the starting model (default order: high).
-            --grand-loss rmu (default): RMU's forget loss mean_{t,d} (h_t - c)^2 at the output of decoder layer
-              --layer-id (over the document's real tokens; the reference RMU also averages over padding), with
-              c = --steering-coeff * u/|u|, u ~ U[0,1)^d seeded per forget file (= topic); parameters: the
-              mlp.down_proj weights of --layer-ids (what RMU trains).
-            --grand-loss npo: NPO's loss at theta = ref, -(2/beta) logsigmoid(-beta (logp - logp_ref)), has the
-              gradient 2 sigmoid(0) grad logp = grad logp: the gradient of the sequence log-prob, taken as the
-              mean token log-prob (the WMDP NPO variant); parameters: every linear projection of every
-              decoder layer (q, k, v, o, gate, up, down; not the embeddings, norms or LM head).
-            Per-document gradients of a linear layer y = x W^T are G_b = sum_t g_bt x_bt^T, from the inputs x
-            saved in the forward and the output gradients g of ONE backward of the summed batch loss (documents
-            do not interact), so ||G_b||_F^2 = sum_{t,s} (g_t.g_s)(x_t.x_s) is a batched Gram product (or an
-            explicit einsum when that is cheaper); no per-document backward.
-  moderate  Moderate-DS (Xia et al. 2023): mean-pooled hidden states (real tokens) at --layer (-1: the final
-            normed hidden states); distance of each document to its file's centroid; score = |distance - median
-            distance|; keeps the smallest (the documents of typical difficulty).
-  keywords  keyword-only forget set (no model): words of each forget file scored against the retain corpus by
-            the log-odds ratio with an informative Dirichlet prior (Monroe, Colaresi & Quinn 2008: the pooled
-            word frequencies of forget + retain, strength --prior-frac x the pooled word count); keywords = words with z >=
-            --min-z seen >= --min-count times in the forget file, English function words excluded
-            (--keep-stopwords keeps them), at most --max-keywords. Writes --out as a
-            forget corpus: one {"text": ...} line per document, each document reduced to its keywords in
-            order (documents without keywords dropped); with several forget files one file per forget file
-            (<out stem>.<forget stem>.jsonl). --ratio (default 1) first samples documents at random.
+  minkpp    Min-K%++ on (log p(x_t) - mu_t) / sigma_t under the next-token distribution   default order: low
+            These four come from one batched pass of lpkernels.token_stats (math in losses.py). The default keeps
+            what the model finds most likely (what it has absorbed is what unlearning must remove).
+  grand     GraNd: per-document gradient norm of the unlearning loss w.r.t. the trained parameters, at the
+            starting model (default order: high). --grand-loss rmu: RMU's forget loss at the steering layer with
+            the very control vector the run trains with for this seed and topic (losses.control_vector; layer and
+            coefficients from the flags, else methods.method_defaults for the model), over mlp.down_proj of the
+            trained layers. --grand-loss npo: the gradient of the mean token log-prob (NPO's at theta = ref) over
+            every linear projection of every layer. One backward per batch gives every document's gradient
+            norm (grand_batch's docstring says how).
+  moderate  Moderate-DS (Xia et al. 2023): distance of mean-pooled hidden states (--layer) to the file's centroid;
+            score = |distance - median|; keeps the documents of typical difficulty.
+  keywords  keyword-only forget set (no model): words scored against the retain corpus by the log-odds ratio with
+            an informative Dirichlet prior (Monroe, Colaresi & Quinn 2008; strength --prior-frac x the pooled
+            word count); keywords have z >= --min-z and >= --min-count uses, no English function words (unless
+            --keep-stopwords), at most --max-keywords. --out becomes a forget corpus, each document reduced to
+            its keywords (one file per forget file when there are several). --ratio (default 1) samples first.
 
-Scoring runs in bf16 on a GPU and fp32 on the CPU (--dtype overrides); documents are tokenized with the model's
-tokenizer, truncated to --max-length tokens, right-padded, batched by length; pads never count.
-
-The sweep (one command for the paper's main figure):
-
-    python coreset.py sweep --method rmu --select random --ratios 0.01,0.05,0.1,0.2,1.0 --seeds 0,1,2 \\
-        --model data/toy/model --data data/toy --forget data/toy/forget_corpus.jsonl \\
-        --retain data/toy/retain_corpus.jsonl --tasks toy_hazard,toy_general --out runs/sweep
-    (make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2")
-
-For every (selection method, ratio, seed): select a coreset (cells/<select>_r<ratio>_s<seed>/coreset.jsonl;
-ratio 1 = the full forget set, no coreset; --select keywords: unlearn on the keyword-only forget set of a random
-`ratio` of the documents instead), unlearn in-process with unlearn.run at a fixed number of steps (the seed is
-both the selection's and the unlearning's), evaluate the tasks (unlearn.py caches the base model's evaluation in
-cells/.eval_cache); each cell's result.json is written atomically when it is done, and a rerun skips cells that
-have one. Checkpoints are not kept (--keep-models keeps them). Then results.json / results.md (mean +- sample std
-over seeds per (selection, ratio), and the base model) and results.png (matplotlib, optional: accuracy against
-ratio with error bars, log-scaled ratio axis; a bar chart per selection method when there is one ratio and several
-methods); --docs PREFIX copies the three to PREFIX.{md,json,png}.
+Scoring runs in bf16 on a GPU and fp32 on the CPU (--dtype overrides), on the model's tokens truncated to
+--max-length, right-padded, batched by length. The coreset sweep is coreset_sweep.py.
 """
 import argparse
 import json
 import math
 import os
 import random
-import re
-import sys
 import time
-import zlib
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +49,11 @@ import torch
 from tqdm import tqdm
 
 import data
-from model import CheckpointError, Transformer, atomic_write_json, atomic_write_lines, default_dtype, load_tokenizer, run_info
+import losses
+import methods
+import model as model_io
+from infra import (TOY_DIR, TOY_MODEL, ProjectError, atomic_write_json, atomic_write_lines, check_output, cli_main,
+                   per_topic, run_info, split_list)
 
 # ----------------------------------------------------------------------------------------------- defaults
 METHODS = ("random", "loss", "zlib", "mink", "minkpp", "grand", "moderate", "keywords")
@@ -94,26 +61,10 @@ TOKEN_METHODS = ("loss", "zlib", "mink", "minkpp")
 DEFAULT_ORDER = {"loss": "low", "zlib": "low", "mink": "low", "minkpp": "low", "grand": "high", "moderate": "low"}
 MAX_LENGTH = 512            # RMU's forget max_length (bio); tokens beyond are not scored
 BATCH_SIZE = 8
-MINK_K = 0.4                # Min-K% / Min-K%++ fraction of lowest tokens (MUSE's 40%)
-MINKPP_EPS = 1e-6           # floor on sigma_t in Min-K%++ (a one-hot next-token distribution has sigma 0)
-LAYER_ID = 7                # RMU: activations after this decoder layer (WMDP reference)
-LAYER_IDS = "5,6,7"         # RMU: trained down_proj layers
-STEERING_COEFF = 6.5        # RMU control-vector norm (zephyr run)
-PRIOR_FRAC = 0.1           # keywords: prior pseudo-count alpha_0 as a fraction of the pooled word count
-MIN_Z = 1.96                # keywords: log-odds z-score threshold
-MIN_COUNT = 2               # keywords: minimum count in the forget file
-MAX_KEYWORDS = 1000
-STOPWORDS = frozenset("""a about above after again against all am an and any are as at be because been before being
-below between both but by can could did do does doing down during each few for from further had has have having he her
-here hers herself him himself his how i if in into is it its itself just may me might more most must my myself no nor not
-now of off on once only or other our ours ourselves out over own same shall she should so some such than that the their
-theirs them themselves then there these they this those through to too under until up upon very was we were what when
-where which while who whom why will with would you your yours yourself yourselves also its one two three""".split())
-UTILITY_TASKS = ("mmlu", "toy_general", "wikitext")   # sweep: tasks that measure retained utility (others: forget)
 
 
-class CoresetError(ValueError):
-    """Bad input to coreset selection or the sweep; the message names the flag or file and what was expected."""
+class CoresetError(ProjectError):
+    """Bad input to coreset selection; the message names the flag or file and what was expected."""
 
 
 # ----------------------------------------------------------------------------------------------- ratios
@@ -155,37 +106,16 @@ def random_indices(n, k, seed, file_index=0):
     return np.array(sorted(rng.sample(range(n), k)), dtype=np.int64)
 
 
-# ----------------------------------------------------------------------------------------------- token scores (pure)
+# ----------------------------------------------------------------------------------------------- token scores
 
-def mink_score(logprob, k=MINK_K):
-    """Min-K% Prob: -mean of the int(k * n) lowest token log-probs (at least one). logprob (n,) -> float"""
-    lp = np.sort(np.asarray(logprob, dtype=np.float64))
-    if lp.size == 0:
-        return float("nan")
-    m = max(1, int(lp.size * k))
-    return float(-lp[:m].mean())
-
-
-def minkpp_score(logprob, mean_logp, std_logp, k=MINK_K, eps=MINKPP_EPS):
-    """Min-K%++: -mean of the lowest k% of z_t = (log p(x_t) - mu_t) / sigma_t. Each arg (n,) -> float"""
-    lp = np.asarray(logprob, dtype=np.float64)
-    z = (lp - np.asarray(mean_logp, dtype=np.float64)) / np.maximum(np.asarray(std_logp, dtype=np.float64), eps)
-    return mink_score(z, k)
-
-
-def zlib_score(loss, text):
-    """Carlini et al.'s zlib ratio: mean token NLL / zlib-compressed length (bytes) of the text."""
-    return float(loss) / max(1, len(zlib.compress(text.encode("utf-8"))))
-
-
-def token_method_scores(logprob, mean_logp, std_logp, text, k=MINK_K):
+def token_method_scores(logprob, mean_logp, std_logp, text, k=losses.MIN_K):
     """All four token-statistic scores of one document from its per-token arrays (n,). -> dict"""
     lp = np.asarray(logprob, dtype=np.float64)
     if lp.size == 0:
         return {m: float("nan") for m in TOKEN_METHODS}
     loss = float(-lp.mean())
-    return {"loss": loss, "zlib": zlib_score(loss, text), "mink": mink_score(lp, k),
-            "minkpp": minkpp_score(lp, mean_logp, std_logp, k)}
+    return {"loss": loss, "zlib": losses.zlib_score(loss, text), "mink": losses.min_k_score(lp, k),
+            "minkpp": losses.min_kpp_score(lp, mean_logp, std_logp, k)}
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -208,7 +138,7 @@ def _pad(tok, seqs, device):
 # ----------------------------------------------------------------------------------------------- token_stats pass
 
 @torch.no_grad()
-def token_scores(model, tok, docs, max_length=MAX_LENGTH, batch_size=BATCH_SIZE, k=MINK_K, progress=True, desc="scoring"):
+def token_scores(model, tok, docs, max_length=MAX_LENGTH, batch_size=BATCH_SIZE, k=losses.MIN_K, progress=True, desc="scoring"):
     """One batched pass of lpkernels.token_stats over docs -> dict method -> np.ndarray (n,) (loss, zlib, mink, minkpp).
     Each document is scored on its tokens 2..L (L <= max_length): the first token has no prediction."""
     from lpkernels import token_stats
@@ -221,7 +151,7 @@ def token_scores(model, tok, docs, max_length=MAX_LENGTH, batch_size=BATCH_SIZE,
         if T < 2:
             continue
         h = model(ids, mask, output="hidden")[:, :-1]                      # (B, T-1, d)
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)          # (B, T-1)
+        targets = losses.next_token_targets(ids, mask)[:, :-1]            # (B, T-1)
         st = token_stats(h.reshape(-1, h.shape[-1]), W, targets.reshape(-1))
         lp, mu, sd = (x.view(B, T - 1).double().cpu().numpy() for x in (st.logprob, st.mean_logp, st.std_logp))
         for b, i in enumerate(batch):
@@ -234,13 +164,6 @@ def token_scores(model, tok, docs, max_length=MAX_LENGTH, batch_size=BATCH_SIZE,
 
 # ----------------------------------------------------------------------------------------------- GraNd
 
-def control_vector(d, coeff, seed, file_index=0):
-    """RMU's control vector c = coeff * u / |u|, u ~ U[0, 1)^d, seeded by (seed, file_index). -> (d,) fp32"""
-    g = torch.Generator().manual_seed(int(seed) * 1000003 + int(file_index))
-    u = torch.rand(d, generator=g)
-    return coeff * u / u.norm()
-
-
 def linear_grad_sq(x, g):
     """Per-sample squared Frobenius norms of the weight gradient of y = x W^T. x (B, T, in), g (B, T, out) -> (B,)
     fp64, ||sum_t g_t x_t^T||^2 via Gram matrices (B, T, T) or an explicit (B, out, in) einsum, whichever is cheaper."""
@@ -252,11 +175,11 @@ def linear_grad_sq(x, g):
     return torch.einsum("bto,bti->boi", g, x).square().sum((1, 2)).double()
 
 
-def grand_targets(model, loss, layer_ids):
+def grand_targets(model, loss, layer_ids, params=("mlp.down_proj",)):
     """The linear modules whose weights the unlearning loss trains (see the module docstring)."""
     layers = model.model.layers
     if loss == "rmu":
-        return [layers[i].mlp.down_proj for i in layer_ids]
+        return [layers[i].get_submodule(p) for i in layer_ids for p in params]
     mods = []
     for blk in layers:
         a, m = blk.self_attn, blk.mlp
@@ -264,12 +187,16 @@ def grand_targets(model, loss, layer_ids):
     return mods
 
 
-def grand_batch(model, ids, mask, loss="rmu", layer_id=LAYER_ID, layer_ids=(5, 6, 7), control=None):
-    """Per-document GraNd scores of one right-padded batch. ids, mask (B, T); control (d,) for RMU -> (B,) fp64.
+def grand_batch(model, ids, mask, loss="rmu", layer_id=7, layer_ids=(5, 6, 7), control=None,
+                params=("mlp.down_proj",), bos_id=None):
+    """Per-document GraNd scores of one right-padded batch. ids, mask (B, T); control (1, 1, d) for RMU -> (B,) fp64.
+    RMU: `params` of `layer_ids` are the trained matrices; bos_id set: BOS left out of the loss (--masked-loss).
 
     The batch loss is the SUM of per-document losses, so the output gradients g seen by each linear layer are the
-    per-document gradients; one backward gives them all."""
-    mods = grand_targets(model, loss, layer_ids)
+    per-document gradients; one backward gives them all. A linear layer y = x W^T has the per-document weight
+    gradient G_b = sum_t g_bt x_bt^T, so ||G_b||_F^2 = sum_{t,s} (g_t.g_s)(x_t.x_s): a batched Gram product of the
+    saved inputs and the output gradients (or an explicit einsum when cheaper), no per-document backward."""
+    mods = grand_targets(model, loss, layer_ids, params)
     maskf = mask.to(model.lm_head_weight.dtype)[..., None]           # (B, T, 1)
     sq = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)
     handles = []
@@ -294,14 +221,14 @@ def grand_batch(model, ids, mask, loss="rmu", layer_id=LAYER_ID, layer_ids=(5, 6
                     h = model.model.embed_tokens(ids) if start == 0 else model(ids, mask, until_layer=start - 1)
                 h = h.detach().requires_grad_(True)                     # (B, T, d) input of layer `start`
                 act = model(hidden_states=h, attention_mask=mask, from_layer=start, until_layer=layer_id)  # (B, T, d)
-                m = mask.float()                                        # (B, T)
+                m = losses.content_positions(ids, mask, bos_id).float() if bos_id is not None else mask.float()
                 per_tok = (act.float() - control.to(act.device)).square().mean(-1)            # (B, T)
-                doc_loss = (per_tok * m).sum(1) / m.sum(1)               # (B,)
+                doc_loss = (per_tok * m).sum(1) / m.sum(1).clamp_min(1)  # (B,)
             else:
                 from lpkernels import fused_logprob
                 h = model.model.embed_tokens(ids).detach().requires_grad_(True)   # (B, T, d)
                 hid = model(hidden_states=h, attention_mask=mask, output="hidden")[:, :-1]  # (B, T-1, d)
-                targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)            # (B, T-1)
+                targets = losses.next_token_targets(ids, mask)[:, :-1]              # (B, T-1)
                 lp = fused_logprob(hid.reshape(-1, hid.shape[-1]), model.lm_head_weight, targets.reshape(-1))
                 n = (targets != -100).sum(1).clamp_min(1)
                 doc_loss = -lp.view(targets.shape).sum(1) / n           # (B,) mean token NLL
@@ -312,8 +239,9 @@ def grand_batch(model, ids, mask, loss="rmu", layer_id=LAYER_ID, layer_ids=(5, 6
     return sq.sqrt()
 
 
-def grand_scores(model, tok, docs, loss="rmu", layer_id=LAYER_ID, layer_ids=(5, 6, 7), control=None,
-                 max_length=MAX_LENGTH, batch_size=BATCH_SIZE, progress=True, desc="grand"):
+def grand_scores(model, tok, docs, loss="rmu", layer_id=7, layer_ids=(5, 6, 7), control=None,
+                 max_length=MAX_LENGTH, batch_size=BATCH_SIZE, progress=True, desc="grand", params=("mlp.down_proj",),
+                 bos_id=None):
     """GraNd score of every document (see grand_batch). -> np.ndarray (n,)"""
     device = model.lm_head_weight.device
     seqs = encode_docs(tok, docs, max_length)
@@ -325,7 +253,7 @@ def grand_scores(model, tok, docs, loss="rmu", layer_id=LAYER_ID, layer_ids=(5, 
         if not live:
             continue
         ids, mask = _pad(tok, [seqs[i] for i in live], device)
-        s = grand_batch(model, ids, mask, loss, layer_id, layer_ids, control).cpu().numpy()
+        s = grand_batch(model, ids, mask, loss, layer_id, layer_ids, control, params, bos_id).cpu().numpy()
         out[live] = s
     return out
 
@@ -355,54 +283,7 @@ def moderate_scores(features):
     return np.abs(d - np.median(d))
 
 
-# ----------------------------------------------------------------------------------------------- keywords
-
-WORD_RE = re.compile(r"[^\W\d_][\w'\-]*\w|[^\W\d_]")   # words starting with a letter (digits inside allowed)
-
-
-def words(text):
-    return WORD_RE.findall(text)
-
-
-def log_odds_z(forget_counts, retain_counts, prior_frac=PRIOR_FRAC):
-    """Log-odds ratio with an informative Dirichlet prior (Monroe et al. 2008), forget vs retain. The prior is the
-    pooled word distribution with alpha_0 = prior_frac * (pooled word count), alpha_w = alpha_0 * p_pooled(w):
-        delta_w = log((y_f + a_w) / (n_f + a_0 - y_f - a_w)) - log((y_r + a_w) / (n_r + a_0 - y_r - a_w))
-        z_w = delta_w / sqrt(1 / (y_f + a_w) + 1 / (y_r + a_w))
-    Counters of lowercased words -> dict word -> z (positive: characteristic of the forget set)."""
-    vocab = set(forget_counts) | set(retain_counts)
-    nf, nr = sum(forget_counts.values()), sum(retain_counts.values())
-    total = nf + nr
-    a0 = prior_frac * total
-    z = {}
-    for w in vocab:
-        yf, yr = forget_counts.get(w, 0), retain_counts.get(w, 0)
-        a = a0 * (yf + yr) / total                                      # alpha_w
-        delta = math.log((yf + a) / (nf + a0 - yf - a)) - math.log((yr + a) / (nr + a0 - yr - a))
-        var = 1.0 / (yf + a) + 1.0 / (yr + a)
-        z[w] = delta / math.sqrt(var)
-    return z
-
-
-def extract_keywords(forget_docs, retain_docs, prior_frac=PRIOR_FRAC, min_z=MIN_Z, min_count=MIN_COUNT,
-                     max_keywords=MAX_KEYWORDS, stopwords=STOPWORDS):
-    """Keywords of forget_docs by contrast with retain_docs -> list of (word, z, count), highest z first.
-    English function words (STOPWORDS) are never keywords: a forget corpus written in another register than the
-    retain corpus uses some of them more often, which says nothing about its topic."""
-    fc = Counter(w.lower() for d in forget_docs for w in words(d))
-    rc = Counter(w.lower() for d in retain_docs for w in words(d))
-    z = log_odds_z(fc, rc, prior_frac)
-    keep = [(w, z[w], fc[w]) for w in fc if fc[w] >= min_count and z[w] >= min_z and w not in stopwords]
-    keep.sort(key=lambda t: (-t[1], t[0]))
-    return keep[:max_keywords]
-
-
-def keyword_document(text, keywords):
-    """The document reduced to its keywords (case-insensitive match), in order, joined by spaces."""
-    return " ".join(w for w in words(text) if w.lower() in keywords)
-
-
-# ----------------------------------------------------------------------------------------------- I/O
+# ----------------------------------------------------------------------------------------------- coreset files
 
 def run_json_path(out):
     p = Path(out)
@@ -416,133 +297,180 @@ def write_coreset(path, selected):
     atomic_write_lines(path, [json.dumps({"file": f, "index": int(i), "score": clean(s)}) for f, i, s in selected])
 
 
-# ----------------------------------------------------------------------------------------------- selection CLI
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        description="Select a coreset of the forget set (or write a keyword-only forget set). "
-                    "`python coreset.py sweep --help` for the coreset sweep.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", default="random", help="|".join(METHODS))
-    p.add_argument("--model", default="data/toy/model", help="HF checkpoint dir (not needed by random, keywords)")
-    p.add_argument("--forget", default="data/toy/forget_corpus.jsonl", help="forget corpus file(s), comma-separated")
-    p.add_argument("--retain", default="data/toy/retain_corpus.jsonl", help="retain corpus file(s) (keywords only)")
-    p.add_argument("--ratio", default=None, help="fraction (0, 1] or count > 1 per forget file (default 1 for keywords)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/coreset.jsonl", help="coreset .jsonl (keywords: the keyword forget set)")
-    p.add_argument("--order", choices=["high", "low"], default=None, help="keep the highest or lowest scores "
-                   "(default: low for loss/zlib/mink/minkpp/moderate, high for grand)")
-    p.add_argument("--min-chars", type=int, default=0, help="data.read_corpus min_chars (must match unlearn.py's)")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="tokens per document scored")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--mink-k", type=float, default=MINK_K, help="Min-K%% / Min-K%%++ fraction of tokens")
-    p.add_argument("--grand-loss", choices=["rmu", "npo"], default="rmu")
-    p.add_argument("--layer-id", type=int, default=None, help=f"RMU layer (default {LAYER_ID}, or the toy defaults.json)")
-    p.add_argument("--layer-ids", default=None, help=f"RMU trained layers (default {LAYER_IDS}, or defaults.json)")
-    p.add_argument("--steering-coeff", type=float, default=None, help=f"RMU control norm (default {STEERING_COEFF})")
-    p.add_argument("--layer", type=int, default=-1, help="moderate: hidden states after this layer (-1: final)")
-    p.add_argument("--prior-frac", type=float, default=PRIOR_FRAC,
-                   help="keywords: Dirichlet prior strength alpha_0 as a fraction of the pooled word count")
-    p.add_argument("--min-z", type=float, default=MIN_Z, help="keywords: z-score threshold")
-    p.add_argument("--min-count", type=int, default=MIN_COUNT, help="keywords: minimum count in the forget file")
-    p.add_argument("--max-keywords", type=int, default=MAX_KEYWORDS)
-    p.add_argument("--keep-stopwords", action="store_true", help="keywords: let English function words be keywords")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: bf16 GPU, fp32 CPU")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+def read_coreset(path, forget_files, sizes) -> list:
+    """A coreset file -> sorted index list per forget file. Every line must name one of the forget files (as given,
+    or the same file by path) with an in-range, unique index; every forget file must keep a document."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CoresetError(f"--coreset: missing file {path}")
+    by_name = {f: i for i, f in enumerate(forget_files)}
+    by_real = {os.path.realpath(f): i for i, f in enumerate(forget_files)}
+    sel = [set() for _ in forget_files]
+    for where, obj in data.jsonl_records(path):
+        if not isinstance(obj.get("file"), str) or isinstance(obj.get("index"), bool) or \
+                not isinstance(obj.get("index"), int):
+            raise CoresetError(f'{where}: expected {{"file": str, "index": int, "score": float|null}}')
+        score = obj.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+            raise CoresetError(f"{where}: expected 'score' to be a number or null, got {score!r}")
+        t = by_name.get(obj["file"], by_real.get(os.path.realpath(obj["file"])))
+        if t is None:
+            raise CoresetError(f"{where}: file {obj['file']!r} is not one of --forget ({', '.join(forget_files)})")
+        i = obj["index"]
+        if not 0 <= i < sizes[t]:
+            raise CoresetError(f"{where}: index {i} out of range for {forget_files[t]} ({sizes[t]} documents)")
+        if i in sel[t]:
+            raise CoresetError(f"{where}: duplicate index {i} for {forget_files[t]}")
+        sel[t].add(i)
+    for t, s_ in enumerate(sel):
+        if not s_:
+            raise CoresetError(f"{path}: selects no document of forget file {forget_files[t]}")
+    return [sorted(s_) for s_ in sel]
 
 
-def split_paths(s, flag):
-    paths = [x.strip() for x in str(s or "").split(",") if x.strip()]
-    if not paths:
-        raise CoresetError(f"{flag}: expected at least one file (comma-separated)")
-    return paths
+# ----------------------------------------------------------------------------------------------- selection
+
+@dataclass
+class SelectConfig:
+    """One selection (the CLI's flags). GraNd-RMU's layer_id / layer_ids / steering_coeffs: None = what unlearning
+    uses for this model (methods.method_defaults), so the scores see the training's own control vectors."""
+    method: str = "random"
+    model: str = str(TOY_MODEL)
+    forget: str = str(TOY_DIR / "forget_corpus.jsonl")   # comma list, one file per topic
+    retain: str = str(TOY_DIR / "retain_corpus.jsonl")   # keywords only
+    ratio: float | str | None = None
+    seed: int = 42                        # unlearn.py's default: a random coreset and GraNd's vectors match it
+    out: str = "runs/coreset.jsonl"
+    order: str | None = None
+    min_chars: int = 0
+    max_length: int = MAX_LENGTH
+    batch_size: int = BATCH_SIZE
+    mink_k: float = losses.MIN_K
+    grand_loss: str = "rmu"
+    layer_id: int | None = None
+    layer_ids: str | None = None
+    steering_coeffs: str | None = None
+    params: str | None = None             # GraNd-RMU trained matrices (None: unlearning's)
+    masked_loss: bool | None = None       # GraNd-RMU: BOS out of the loss (None: unlearning's)
+    layer: int = -1
+    prior_frac: float = losses.PRIOR_FRAC
+    min_z: float = losses.MIN_Z
+    min_count: int = losses.MIN_COUNT
+    max_keywords: int = losses.MAX_KEYWORDS
+    keep_stopwords: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+    overwrite: bool = False   # replace an --out that is not a previous selection's own file
 
 
-def rmu_defaults(args, model_dir):
-    """layer_id, layer_ids, steering_coeff (first topic's) for GraNd-RMU: the flags, else what unlearn.py would use
-    for this model (the toy's data/toy/defaults.json, else the WMDP reference values)."""
-    d = {}
+def grand_rmu_settings(cfg):
+    """(layer_id, layer_ids, steering coefficient per topic) for GraNd-RMU: the flags, else unlearning's own."""
+    d = methods.method_defaults("rmu", cfg.model)
+    layer_id = int(cfg.layer_id if cfg.layer_id is not None else d["layer_id"])
+    layer_ids = split_list(cfg.layer_ids, "--layer-ids", int) if cfg.layer_ids is not None else d["layer_ids"]
+    coeffs = split_list(cfg.steering_coeffs, "--steering-coeffs", float) if cfg.steering_coeffs is not None \
+        else d["steering_coeffs"]
+    return layer_id, layer_ids, coeffs
+
+
+def grand_rmu_loss_terms(cfg):
+    """(trained matrices, BOS left out of the loss?) for GraNd-RMU: the flags, else unlearning's own for the model."""
+    d = methods.method_defaults("rmu", cfg.model)
+    params = split_list(cfg.params, "--params") if cfg.params is not None else d["params"]
+    return params, cfg.masked_loss if cfg.masked_loss is not None else d["masked_loss"]
+
+
+def load_model(cfg):
     try:
-        import unlearn
-        a = unlearn.resolve_args(unlearn.build_parser().parse_args(
-            ["--method", "rmu", "--model", str(model_dir), "--forget", "-", "--retain", "-"]))
-        d = {"layer_id": a.layer_id, "layer_ids": a.layer_ids, "steering_coeff": a.steering_coeffs}
-    except Exception:  # unlearn.py absent or unusable: the reference values
-        pass
-    layer_id = int(args.layer_id if args.layer_id is not None else d.get("layer_id", LAYER_ID))
-    ids = args.layer_ids if args.layer_ids is not None else d.get("layer_ids", LAYER_IDS)
-    layer_ids = [int(x) for x in str(ids).split(",") if x.strip()]
-    coeff = args.steering_coeff if args.steering_coeff is not None else d.get("steering_coeff", STEERING_COEFF)
-    return layer_id, layer_ids, float(str(coeff).split(",")[0])
+        return model_io.load(cfg.model, cfg.device, cfg.dtype)
+    except (FileNotFoundError, OSError) as e:
+        raise CoresetError(f"--model {cfg.model}: {e}") from None
 
 
-def load_model(args):
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
-    try:
-        model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device).eval()
-        tok = load_tokenizer(args.model)
-    except (CheckpointError, FileNotFoundError, OSError) as e:
-        raise CoresetError(f"--model {args.model}: {e}") from None
-    return model, tok
-
-
-def score_documents(args, model, tok, docs, file_index=0):
-    """Scores (n,) of one forget file's documents under args.method (None for random)."""
-    progress = not args.no_progress
-    if args.method in TOKEN_METHODS:
-        return token_scores(model, tok, docs, args.max_length, args.batch_size, args.mink_k, progress)[args.method]
-    if args.method == "grand":
-        layer_id, layer_ids, coeff = rmu_defaults(args, args.model)
+def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
+    """Scores (n,) of one forget file's documents under cfg.method (None for random)."""
+    if cfg.method in TOKEN_METHODS:
+        return token_scores(model, tok, docs, cfg.max_length, cfg.batch_size, cfg.mink_k, cfg.progress)[cfg.method]
+    if cfg.method == "grand":
+        layer_id, layer_ids, coeffs = grand_rmu_settings(cfg)
         n_layers = model.config.num_hidden_layers
-        if args.grand_loss == "rmu" and not all(0 <= i <= layer_id < n_layers for i in layer_ids):
+        if cfg.grand_loss == "rmu" and not all(0 <= i <= layer_id < n_layers for i in layer_ids):
             raise CoresetError(f"--layer-id {layer_id} / --layer-ids {layer_ids}: expected layer ids <= layer id < "
                                f"{n_layers} (the model's layers)")
-        c = control_vector(model.config.hidden_size, coeff, args.seed, file_index)
-        return grand_scores(model, tok, docs, args.grand_loss, layer_id, layer_ids, c, args.max_length,
-                            args.batch_size, progress)
-    if args.method == "moderate":
-        if args.layer >= model.config.num_hidden_layers:
-            raise CoresetError(f"--layer {args.layer}: the model has {model.config.num_hidden_layers} layers")
-        return moderate_scores(pooled_features(model, tok, docs, args.layer, args.max_length, args.batch_size, progress))
+        c = losses.control_vector(model.config.hidden_size, per_topic(coeffs, n_files)[file_index], cfg.seed,
+                                  file_index, model.lm_head_weight.dtype)
+        params, masked = grand_rmu_loss_terms(cfg)
+        return grand_scores(model, tok, docs, cfg.grand_loss, layer_id, layer_ids, c, cfg.max_length,
+                            cfg.batch_size, cfg.progress, params=params, bos_id=tok.bos_token_id if masked else None)
+    if cfg.method == "moderate":
+        if cfg.layer >= model.config.num_hidden_layers:
+            raise CoresetError(f"--layer {cfg.layer}: the model has {model.config.num_hidden_layers} layers")
+        return moderate_scores(pooled_features(model, tok, docs, cfg.layer, cfg.max_length, cfg.batch_size,
+                                               cfg.progress))
     return None
 
 
-def check_args(args):
-    if args.method not in METHODS:
-        raise CoresetError(f"--method {args.method!r}: expected one of {', '.join(METHODS)}")
-    if args.ratio is None and args.method != "keywords":
+def check_config(cfg):
+    if cfg.method not in METHODS:
+        raise CoresetError(f"--method {cfg.method!r}: expected one of {', '.join(METHODS)}")
+    if cfg.ratio is None and cfg.method != "keywords":
         raise CoresetError("--ratio: required (a fraction in (0, 1] or a document count > 1)")
-    parse_ratio(args.ratio if args.ratio is not None else 1)
-    if args.max_length < 2:
-        raise CoresetError(f"--max-length {args.max_length}: expected >= 2")
-    if args.batch_size < 1:
-        raise CoresetError(f"--batch-size {args.batch_size}: expected >= 1")
-    if not 0 < args.mink_k <= 1:
-        raise CoresetError(f"--mink-k {args.mink_k}: expected a fraction in (0, 1]")
+    parse_ratio(cfg.ratio if cfg.ratio is not None else 1)
+    if cfg.max_length < 2:
+        raise CoresetError(f"--max-length {cfg.max_length}: expected >= 2")
+    if cfg.batch_size < 1:
+        raise CoresetError(f"--batch-size {cfg.batch_size}: expected >= 1")
+    if not 0 < cfg.mink_k <= 1:
+        raise CoresetError(f"--mink-k {cfg.mink_k}: expected a fraction in (0, 1]")
+    if cfg.order not in (None, "high", "low"):
+        raise CoresetError(f"--order {cfg.order!r}: expected high or low")
+    if cfg.grand_loss not in ("rmu", "npo"):
+        raise CoresetError(f"--grand-loss {cfg.grand_loss!r}: expected rmu or npo")
 
 
-def select(args, model=None, tok=None, cache=None):
-    """Run one selection as the CLI does -> run record (dict). model/tok: reuse a loaded model; cache: a dict in
-    which per-file scores are kept across calls (the sweep scores once for all ratios)."""
-    check_args(args)
-    t0 = time.time()
-    forget = split_paths(args.forget, "--forget")
+def is_previous_selection(path) -> bool:
+    """A file this script wrote: its run record (run_json_path) is there and is ours."""
     try:
-        corpora = [data.read_corpus(p, args.min_chars) for p in forget]
+        rec = json.loads(Path(run_json_path(path)).read_text())
+        return isinstance(rec, dict) and "argv" in rec and "method" in rec
+    except (OSError, ValueError):
+        return False
+
+
+def check_outputs(cfg, forget):
+    """The output policy (infra.check_output) for --out and, with several forget files, the keyword files."""
+    out = Path(cfg.out)
+    outs = [out] if cfg.method != "keywords" or len(forget) == 1 else \
+        [out.with_name(f"{out.stem}.{Path(p).stem}.jsonl") for p in forget]
+    inputs = [*forget, *split_list(cfg.retain.split(","), "--retain")] + ([cfg.model] if cfg.method not in
+                                                                          ("random", "keywords") else [])
+    mine = lambda p: is_previous_selection(out)
+    for o in outs + [Path(run_json_path(outs[0] if len(outs) == 1 else out))]:
+        check_output(o, inputs, "--out", kind="file", ours=mine, overwrite=cfg.overwrite, name="coreset")
+
+
+def select(cfg, model=None, tok=None, cache=None):
+    """One selection -> run record (dict); writes cfg.out and its run record. model/tok: reuse a loaded model;
+    cache: a dict in which per-file scores are kept across calls (the sweep scores once for all ratios)."""
+    check_config(cfg)
+    t0 = time.time()
+    forget = split_list(cfg.forget.split(",") if isinstance(cfg.forget, str) else cfg.forget, "--forget")
+    check_outputs(cfg, forget)
+    try:
+        corpora = [data.read_corpus(p, cfg.min_chars) for p in forget]
     except data.DataError as e:
         raise CoresetError(f"--forget: {e}") from None
-    record = run_info(args)
+    record = run_info(cfg)
     record["timings"] = {}
-    if args.method == "keywords":
-        return keywords_run(args, forget, corpora, record, t0)
-    order = args.order or DEFAULT_ORDER.get(args.method)
-    keys = [(args.method, path, fi) + ((args.seed, args.grand_loss) if args.method == "grand" else ())
+    if cfg.method == "keywords":
+        return keywords_run(cfg, forget, corpora, record, t0)
+    order = cfg.order or DEFAULT_ORDER.get(cfg.method)
+    keys = [(cfg.method, path, fi) + ((cfg.seed, cfg.grand_loss) if cfg.method == "grand" else ())
             for fi, path in enumerate(forget)]
     record["scores_cached"] = cache is not None and all(k in cache for k in keys)
-    if args.method != "random" and model is None and not record["scores_cached"]:
-        model, tok = load_model(args)   # freed when this returns: the sweep keeps only the scores
+    if cfg.method != "random" and model is None and not record["scores_cached"]:
+        model, tok = load_model(cfg)   # freed when this returns: the sweep keeps only the scores
         record["timings"]["load_s"] = time.time() - t0
     t1 = time.time()
     selected, files = [], []
@@ -550,23 +478,23 @@ def select(args, model=None, tok=None, cache=None):
         if cache is not None and key in cache:
             scores = cache[key]
         else:
-            scores = score_documents(args, model, tok, docs, fi)
+            scores = score_documents(cfg, model, tok, docs, fi, len(forget))
             if cache is not None:
                 cache[key] = scores
-        k = coreset_size(args.ratio, len(docs))
-        idx = random_indices(len(docs), k, args.seed, fi) if scores is None else choose(scores, k, order)
+        k = coreset_size(cfg.ratio, len(docs))
+        idx = random_indices(len(docs), k, cfg.seed, fi) if scores is None else choose(scores, k, order)
         selected += [(path, i, None if scores is None else scores[i]) for i in idx]
         files.append({"file": path, "documents": len(docs), "selected": int(k),
                       "score_stats": None if scores is None else _stats(scores)})
     record["timings"]["score_s"] = time.time() - t1
-    write_coreset(args.out, selected)
-    record.update(method=args.method, order=order, ratio=float(parse_ratio(args.ratio)), files=files,
-                  coreset=str(args.out), selected=len(selected))
-    if args.method == "grand":
-        record["grand"] = dict(zip(("layer_id", "layer_ids", "steering_coeff"), rmu_defaults(args, args.model)),
-                               loss=args.grand_loss)
+    write_coreset(cfg.out, selected)
+    record.update(method=cfg.method, order=order, ratio=float(parse_ratio(cfg.ratio)), files=files,
+                  coreset=str(cfg.out), selected=len(selected))
+    if cfg.method == "grand":
+        record["grand"] = dict(zip(("layer_id", "layer_ids", "steering_coeffs"), grand_rmu_settings(cfg)),
+                               loss=cfg.grand_loss)
     record["timings"]["total_s"] = time.time() - t0
-    atomic_write_json(run_json_path(args.out), record)
+    atomic_write_json(run_json_path(cfg.out), record)
     return record
 
 
@@ -578,22 +506,23 @@ def _stats(scores):
     return {"min": float(s.min()), "median": float(np.median(s)), "max": float(s.max()), "n": int(s.size)}
 
 
-def keywords_run(args, forget, corpora, record, t0):
+def keywords_run(cfg, forget, corpora, record, t0):
     try:
-        retain = [d for docs in data.read_corpora(split_paths(args.retain, "--retain"), args.min_chars) for d in docs]
+        retain = [d for docs in data.read_corpora(split_list(cfg.retain.split(","), "--retain"), cfg.min_chars)
+                  for d in docs]
     except data.DataError as e:
         raise CoresetError(f"--retain: {e}") from None
-    out = Path(args.out)
+    out = Path(cfg.out)
     outs = [out] if len(forget) == 1 else [out.with_name(f"{out.stem}.{Path(p).stem}.jsonl") for p in forget]
     files = []
     for fi, (path, docs, o) in enumerate(zip(forget, corpora, outs)):
-        if args.ratio is not None:
-            keep = random_indices(len(docs), coreset_size(args.ratio, len(docs)), args.seed, fi)
+        if cfg.ratio is not None:
+            keep = random_indices(len(docs), coreset_size(cfg.ratio, len(docs)), cfg.seed, fi)
             docs = [docs[i] for i in keep]
-        kws = extract_keywords(docs, retain, args.prior_frac, args.min_z, args.min_count, args.max_keywords,
-                               frozenset() if args.keep_stopwords else STOPWORDS)
+        kws = losses.extract_keywords(docs, retain, cfg.prior_frac, cfg.min_z, cfg.min_count, cfg.max_keywords,
+                               frozenset() if cfg.keep_stopwords else losses.STOPWORDS)
         kwset = {w for w, _, _ in kws}
-        texts = [t for t in (keyword_document(d, kwset) for d in docs) if t]
+        texts = [t for t in (losses.keyword_document(d, kwset) for d in docs) if t]
         if not texts:
             raise CoresetError(f"--forget {path}: no keywords found (try a lower --min-z or --min-count)")
         atomic_write_lines(o, [json.dumps({"text": t}) for t in texts])
@@ -605,15 +534,48 @@ def keywords_run(args, forget, corpora, record, t0):
     return record
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "sweep":
-        return sweep_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    try:
-        rec = select(args)
-    except (CoresetError, data.DataError) as e:
-        sys.exit(f"error: {e}")
+# ----------------------------------------------------------------------------------------------- CLI
+
+def build_parser():
+    d = SelectConfig()
+    p = argparse.ArgumentParser(
+        description="Select a coreset of the forget set (or write a keyword-only forget set). "
+                    "The coreset sweep is coreset_sweep.py.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", default=d.method, help="|".join(METHODS))
+    p.add_argument("--model", default=d.model, help="HF checkpoint dir (not needed by random, keywords)")
+    p.add_argument("--forget", default=d.forget, help="forget corpus file(s), comma-separated")
+    p.add_argument("--retain", default=d.retain, help="retain corpus file(s) (keywords only)")
+    p.add_argument("--ratio", default=None, help="fraction (0, 1] or count > 1 per forget file (default 1 for keywords)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out, help="coreset .jsonl (keywords: the keyword forget set)")
+    p.add_argument("--order", choices=["high", "low"], default=None, help="keep the highest or lowest scores "
+                   "(default: low for loss/zlib/mink/minkpp/moderate, high for grand)")
+    p.add_argument("--min-chars", type=int, default=d.min_chars, help="data.read_corpus min_chars (as unlearn.py's)")
+    p.add_argument("--max-length", type=int, default=d.max_length, help="tokens per document scored")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--mink-k", type=float, default=d.mink_k, help="Min-K%% / Min-K%%++ fraction of tokens")
+    p.add_argument("--grand-loss", choices=["rmu", "npo"], default=d.grand_loss)
+    p.add_argument("--layer-id", type=int, default=None, help="GraNd-RMU layer (default: unlearning's for the model)")
+    p.add_argument("--layer-ids", default=None, help="GraNd-RMU trained layers (default: unlearning's)")
+    p.add_argument("--steering-coeffs", default=None, help="GraNd-RMU control norms per topic (default: unlearning's)")
+    p.add_argument("--params", default=None, help="GraNd-RMU trained matrices (default: unlearning's)")
+    p.add_argument("--masked-loss", default=None, action=argparse.BooleanOptionalAction,
+                   help="GraNd-RMU: BOS out of the loss (default: unlearning's)")
+    p.add_argument("--layer", type=int, default=d.layer, help="moderate: hidden states after this layer (-1: final)")
+    p.add_argument("--prior-frac", type=float, default=d.prior_frac,
+                   help="keywords: Dirichlet prior strength alpha_0 as a fraction of the pooled word count")
+    p.add_argument("--min-z", type=float, default=d.min_z, help="keywords: z-score threshold")
+    p.add_argument("--min-count", type=int, default=d.min_count, help="keywords: minimum count in the forget file")
+    p.add_argument("--max-keywords", type=int, default=d.max_keywords)
+    p.add_argument("--keep-stopwords", action="store_true", help="keywords: let English function words be keywords")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: bf16 GPU, fp32 CPU")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that is not a previous selection's")
+    return p
+
+
+def report_selection(rec):
     if rec["method"] == "keywords":
         for f in rec["files"]:
             print(f"{f['file']}: {len(f['keywords'])} keywords, {f['written']}/{f['documents']} documents -> {f['out']}")
@@ -625,354 +587,9 @@ def main(argv=None):
     return rec
 
 
-# ----------------------------------------------------------------------------------------------- sweep
-
-def split_list(s, flag, conv=str):
-    items = [x for x in re.split(r"[,\s]+", str(s or "").strip()) if x]
-    if not items:
-        raise CoresetError(f"{flag}: expected at least one value (comma- or space-separated)")
-    try:
-        return [conv(x) for x in items]
-    except ValueError:
-        raise CoresetError(f"{flag} {s!r}: expected {conv.__name__} values") from None
-
-
-def build_sweep_parser():
-    p = argparse.ArgumentParser(
-        prog="coreset.py sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="The coreset sweep: select, unlearn and evaluate for every (selection, ratio, seed); then a "
-                    "table (Markdown + JSON) and a plot of accuracy against coreset ratio. Reruns skip finished cells.")
-    p.add_argument("--method", default="rmu", help="unlearning method (unlearn.py --method)")
-    p.add_argument("--select", default="random", help="selection method(s), comma/space list: " + "|".join(METHODS)
-                   + " (keywords: unlearn on the keyword-only forget set of a random `ratio` of the documents)")
-    p.add_argument("--ratios", default="0.01,0.05,0.1,0.2,1.0", help="coreset ratios, comma/space list")
-    p.add_argument("--seeds", default="0,1,2", help="seeds (selection and unlearning), comma/space list")
-    p.add_argument("--model", default="data/toy/model")
-    p.add_argument("--data", default="data/toy", help="DATA dir of the evaluation tasks")
-    p.add_argument("--forget", default="data/toy/forget_corpus.jsonl")
-    p.add_argument("--retain", default="data/toy/retain_corpus.jsonl")
-    p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
-    p.add_argument("--utility-tasks", default=",".join(UTILITY_TASKS),
-                   help="tasks that measure retained utility (the others are forget tasks)")
-    p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: unlearn.py's, the same for "
-                   "every ratio: a coreset is cycled)")
-    p.add_argument("--out", default="runs/sweep")
-    p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags, e.g. \"--lr 1e-4 --batch-size 4\"")
-    p.add_argument("--select-args", default="", help="extra selection flags, e.g. \"--mink-k 0.2 --order high\"")
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--eval-limit", type=int, default=None)
-    p.add_argument("--keep-models", action="store_true", help="keep each cell's unlearned checkpoint")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from finished cells")
-    p.add_argument("--docs", default=None, help="also copy results.{md,json,png} to this prefix (e.g. docs/coreset_sweep)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def cell_name(select_method, ratio, seed):
-    return f"{select_method}_r{ratio:g}_s{seed}"
-
-
-def task_metrics(results):
-    """{task: evaluate result} -> {name: value}: a task's acc (MC), else its numeric metrics as task/metric."""
-    out = {}
-    for task, r in (results or {}).items():
-        if isinstance(r.get("acc"), (int, float)):
-            out[task] = float(r["acc"])
-            continue
-        for k, v in r.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith(("stderr", "_s", "per_s")) \
-                    and k not in ("n", "time_s"):
-                out[f"{task}/{k}"] = float(v)
-    return out
-
-
-def full_set(ratio, sizes):
-    return all(coreset_size(ratio, n) == n for n in sizes)
-
-
-def unlearn_argv(args, seed, cdir, forget=None):
-    """unlearn.py's flags for one cell (the coreset flag is added by run_cell)."""
-    import shlex
-    argv = ["--method", args.method, "--model", args.model, "--forget", forget or args.forget, "--retain", args.retain,
-            "--seed", str(seed), "--out", str(cdir), "--data", args.data, "--eval-tasks", args.tasks,
-            "--eval-batch-size", str(args.eval_batch_size)]
-    if args.steps is not None:
-        argv += ["--steps", str(args.steps)]
-    if args.eval_limit is not None:
-        argv += ["--eval-limit", str(args.eval_limit)]
-    if args.device:
-        argv += ["--device", args.device]
-    if not args.keep_models:
-        argv.append("--no-save")
-    if args.no_progress:
-        argv.append("--no-progress")
-    return argv + shlex.split(args.unlearn_args)
-
-
-def run_cell(args, sel, ratio, seed, sizes, cache):
-    """One (selection, ratio, seed) cell: select, unlearn.run, evaluate. Returns the cell's result dict."""
-    import shlex
-    import shutil
-    import unlearn
-    cdir = Path(args.out) / "cells" / cell_name(sel, ratio, seed)
-    t0 = time.time()
-    coreset_file, selection, forget = None, None, None
-    if sel == "keywords":   # the keyword-only forget set of a random `ratio` of the documents
-        sargv = ["--method", "keywords", "--forget", args.forget, "--retain", args.retain, "--ratio", f"{ratio:g}",
-                 "--seed", str(seed), "--out", str(cdir / "keywords.jsonl")]
-        selection = select(build_parser().parse_args(sargv + shlex.split(args.select_args)))
-        forget = selection["forget_out"]
-    elif not full_set(ratio, sizes):
-        # random included: the same documents as unlearn.py --ratio (random_indices), written for the record
-        sargv = ["--method", sel, "--model", args.model, "--forget", args.forget, "--retain", args.retain,
-                 "--ratio", f"{ratio:g}", "--seed", str(seed), "--out", str(cdir / "coreset.jsonl")]
-        if args.device:
-            sargv += ["--device", args.device]
-        if args.no_progress:
-            sargv.append("--no-progress")
-        if sel == "grand":
-            ua = unlearn.resolve_args(unlearn.build_parser().parse_args(unlearn_argv(args, seed, cdir)))
-            sargv += ["--grand-loss", "rmu" if args.method == "rmu" else "npo", "--layer-id", str(ua.layer_id),
-                      "--layer-ids", str(ua.layer_ids), "--steering-coeff", str(ua.steering_coeffs).split(",")[0]]
-        sargs = build_parser().parse_args(sargv + shlex.split(args.select_args))
-        selection = select(sargs, cache=cache)
-        coreset_file = str(cdir / "coreset.jsonl")
-    uargv = unlearn_argv(args, seed, cdir, forget) + (["--coreset", coreset_file] if coreset_file else [])
-    uargs = unlearn.build_parser().parse_args(uargv)
-    rec = unlearn.run(uargs)
-    ev = rec.get("eval") or {}
-    result = {
-        "select": sel, "ratio": ratio, "seed": seed, "method": args.method,
-        "n_docs": rec.get("coreset", {}).get("n_docs", sizes),
-        "n_selected": rec.get("coreset", {}).get("n_selected"),
-        "coreset": coreset_file, "forget": forget or args.forget,
-        "selection_s": None if selection is None else selection["timings"].get("total_s"),
-        "steps": rec.get("steps"), "train_s": rec.get("train_s"), "time_s": round(time.time() - t0, 3),
-        "before": task_metrics(ev.get("before")), "after": task_metrics(ev.get("after")),
-        "unlearn_args": rec.get("args"),
-    }
-    if not args.keep_models:
-        shutil.rmtree(cdir / "model", ignore_errors=True)
-    atomic_write_json(cdir / "result.json", result)
-    return result
-
-
-def mean_std(xs):
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return None, None
-    m = float(np.mean(xs))
-    return m, float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-
-
-def aggregate(cells, utility_tasks):
-    """Finished cells -> {"base", "metrics", "forget_metrics", "utility_metrics", "rows"} (rows: mean/std over seeds
-    per (selection, ratio))."""
-    metrics = list(dict.fromkeys(k for c in cells for k in c["after"]))
-    base = {}
-    for c in cells:
-        for k, v in c["before"].items():
-            base.setdefault(k, v)
-    util = [m for m in metrics if m.split("/")[0] in utility_tasks]
-    groups = {}
-    for c in cells:
-        groups.setdefault((c["select"], c["ratio"]), []).append(c)
-    rows = []
-    first = {s: i for i, s in reversed(list(enumerate(c["select"] for c in cells)))}   # the grid's order
-    for (sel, ratio), cs in sorted(groups.items(), key=lambda kv: (first[kv[0][0]], kv[0][1])):
-        cs = sorted(cs, key=lambda c: c["seed"])
-        row = {"select": sel, "ratio": ratio, "seeds": [c["seed"] for c in cs],
-               "n_selected": cs[0].get("n_selected"), "n_docs": cs[0].get("n_docs"),
-               "time_s": float(np.mean([c["time_s"] for c in cs])), "metrics": {}}
-        for m in metrics:
-            vals = [c["after"].get(m) for c in cs]
-            mu, sd = mean_std(vals)
-            row["metrics"][m] = {"mean": mu, "std": sd, "values": vals}
-        rows.append(row)
-    return {"base": base, "metrics": metrics, "utility_metrics": util,
-            "forget_metrics": [m for m in metrics if m not in util], "rows": rows}
-
-
-def fmt_pct(v, sd=None):
-    if v is None:
-        return "-"
-    scale = 100 if abs(v) <= 1 else 1
-    s = f"{scale * v:.1f}"
-    return s if sd is None else f"{s} ± {scale * sd:.1f}"
-
-
-def ratio_label(r):
-    return f"{100 * r:g}%" if r <= 1 else f"{int(r)} docs"
-
-
-def _quote(a):
-    import shlex
-    return shlex.quote(str(a))
-
-
-def markdown_table(agg, title, notes=()):
-    ms = agg["forget_metrics"] + agg["utility_metrics"]
-    tag = {m: "forget" if m in agg["forget_metrics"] else "utility" for m in ms}
-    head = ["selection", "ratio", "docs"] + [f"{m} ({tag[m]})" for m in ms] + ["seeds", "time/cell"]
-    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines.append("| base model | - | - | " + " | ".join(fmt_pct(agg["base"].get(m)) for m in ms) + " | - | - |")
-    for r in agg["rows"]:
-        docs = "+".join(str(n) for n in (r["n_selected"] or [])) or "-"
-        vals = [fmt_pct(r["metrics"][m]["mean"], r["metrics"][m]["std"]) for m in ms]
-        lines.append(f"| {r['select']} | {ratio_label(r['ratio'])} | {docs} | " + " | ".join(vals)
-                     + f" | {len(r['seeds'])} | {r['time_s']:.0f}s |")
-    lines += ["", "Accuracy in % (mean ± sample std over seeds); base model = before unlearning; docs = selected "
-              "documents per forget file; time/cell = selection + unlearning + evaluation, mean over seeds.",
-              *notes]
-    return "\n".join(lines) + "\n"
-
-
-def plot(agg, path, title):
-    """Accuracy against coreset ratio with error bars (or bars per selection at a single ratio) -> PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("coreset sweep: matplotlib is not installed, no plot (pip install matplotlib, or "
-              "pip install -e '.[plot]'); the table is written", file=sys.stderr)
-        return None
-    ms = agg["forget_metrics"] + agg["utility_metrics"]
-    sels = list(dict.fromkeys(r["select"] for r in agg["rows"]))
-    ratios = sorted({r["ratio"] for r in agg["rows"]})
-    scale = lambda v: None if v is None else (100 * v if abs(v) <= 1 else v)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    if len(ratios) == 1 and len(sels) > 1:   # sweep-select: bars per selection method
-        w = 0.8 / len(ms)
-        for j, m in enumerate(ms):
-            rows = {r["select"]: r for r in agg["rows"]}
-            ys = [scale(rows[s]["metrics"][m]["mean"]) for s in sels]
-            es = [scale(rows[s]["metrics"][m]["std"]) for s in sels]
-            ax.bar(np.arange(len(sels)) + (j - (len(ms) - 1) / 2) * w, ys, w, yerr=es, capsize=3,
-                   color=colors[j % len(colors)], label=m)
-            if m in agg["base"]:
-                ax.axhline(scale(agg["base"][m]), color=colors[j % len(colors)], ls="--", lw=1,
-                           label=f"{m} (base)")
-        if ms and all("/" not in m for m in ms):
-            ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
-        ax.set_xticks(np.arange(len(sels)), sels)
-        ax.set_xlabel(f"selection method (coreset ratio {ratio_label(ratios[0])})")
-    else:
-        for j, m in enumerate(ms):
-            c = colors[j % len(colors)]
-            for k, s in enumerate(sels):
-                rows = sorted((r for r in agg["rows"] if r["select"] == s), key=lambda r: r["ratio"])
-                xs = [r["ratio"] for r in rows]
-                ys = [scale(r["metrics"][m]["mean"]) for r in rows]
-                es = [scale(r["metrics"][m]["std"]) for r in rows]
-                ax.errorbar(xs, ys, yerr=es, color=c, marker="os^vD<>"[k % 7], capsize=3,
-                            ls="-" if m in agg["forget_metrics"] else "-.",
-                            label=m + ("" if len(sels) == 1 else f" ({s})"))
-            if m in agg["base"]:
-                ax.axhline(scale(agg["base"][m]), color=c, ls="--", lw=1, label=f"{m} (base model)")
-        if ms and all("/" not in m for m in ms):   # multiple-choice accuracies: 4 choices
-            ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
-        if all(r <= 1 for r in ratios):
-            ax.set_xscale("log")
-            ax.set_xticks(ratios, [ratio_label(r) for r in ratios])
-            ax.minorticks_off()
-        ax.set_xlabel("coreset ratio (fraction of the forget set)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def report(args, sels, ratios, seeds, record, with_plot=True):
-    out = Path(args.out)
-    cells = []
-    for s in sels:
-        for r in ratios:
-            for seed in seeds:
-                f = out / "cells" / cell_name(s, r, seed) / "result.json"
-                if f.is_file():
-                    cells.append(json.loads(f.read_text()))
-    if not cells:
-        raise CoresetError(f"--out {out}: no finished cells to report")
-    agg = aggregate(cells, set(split_list(args.utility_tasks, "--utility-tasks")))
-    what = f"{'/'.join(sels)} coresets" if len(sels) <= 2 else f"{len(sels)} selection methods"
-    title = f"{args.method.upper()} on {Path(args.forget.split(',')[0]).parent.name or args.forget}: " \
-            f"{what}, {len(seeds)} seed(s), {cells[0].get('steps')} steps"
-    done = len(cells)
-    total = len(sels) * len(ratios) * len(seeds)
-    cell_s = sum(c["time_s"] for c in cells)
-    notes = ["", f"{done}/{total} cells done, {cell_s / 60:.1f} min of cell time on {record.get('device')}. Command:",
-             "", "    python coreset.py sweep " + " ".join(_quote(a) for a in record.get("argv", [])[2:])]
-    md = markdown_table(agg, title, notes)
-    record.update(results=agg, cells_done=len(cells), cells_total=len(sels) * len(ratios) * len(seeds))
-    atomic_write_json(out / "results.json", record)
-    atomic_write_lines(out / "results.md", md.rstrip("\n").split("\n"))
-    png = plot(agg, out / "results.png", title) if with_plot else None
-    if args.docs:
-        import shutil
-        prefix = Path(args.docs)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        for ext, src in (("md", out / "results.md"), ("json", out / "results.json"), ("png", png)):
-            if src is not None and Path(src).is_file():
-                shutil.copyfile(src, f"{prefix}.{ext}")
-    if with_plot:
-        print(md)
-    return agg
-
-
-def sweep(args):
-    """The whole grid -> the aggregate (also results.{json,md,png} in --out)."""
-    t0 = time.time()
-    sels = split_list(args.select, "--select")
-    for s in sels:
-        if s not in METHODS:
-            raise CoresetError(f"--select {s!r}: expected some of {', '.join(METHODS)}")
-    ratios = [parse_ratio(r, "--ratios") for r in split_list(args.ratios, "--ratios")]
-    seeds = split_list(args.seeds, "--seeds", int)
-    forget = split_paths(args.forget, "--forget")
-    try:
-        sizes = [len(data.read_corpus(p)) for p in forget]
-    except data.DataError as e:
-        raise CoresetError(f"--forget: {e}") from None
-    out = Path(args.out)
-    record = run_info(args)
-    record["timings"] = {}
-    if not args.report_only:
-        cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)
-        grid = [(s, r, seed) for s in sels for r in ratios for seed in seeds]
-        todo = [g for g in grid if not (out / "cells" / cell_name(*g) / "result.json").is_file()]
-        print(f"coreset sweep: {len(grid)} cells, {len(grid) - len(todo)} done, {len(todo)} to run -> {out}")
-        for i, (s, r, seed) in enumerate(todo):
-            print(f"--- cell {i + 1}/{len(todo)}: select={s} ratio={r:g} seed={seed} "
-                  f"({time.time() - t0:.0f}s elapsed)", flush=True)
-            run_cell(args, s, r, seed, sizes, cache)
-            report(args, sels, ratios, seeds, dict(record, timings={"total_s": time.time() - t0}), with_plot=False)
-    record["timings"]["total_s"] = time.time() - t0
-    return report(args, sels, ratios, seeds, record)
-
-
-def sweep_main(argv):
-    args = build_sweep_parser().parse_args(argv)
-    err = (CoresetError, data.DataError, CheckpointError)
-    try:
-        import evaluate
-        import unlearn
-        err += (unlearn.UnlearnError, evaluate.EvalError)
-    except (ImportError, AttributeError):
-        pass
-    try:
-        return sweep(args)
-    except err as e:
-        sys.exit(f"error: {e}")
+def main(argv=None):
+    cfg = SelectConfig(**vars(build_parser().parse_args(argv)))
+    return cli_main("coreset", lambda: report_selection(select(cfg)))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +25,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from infra import TOY_MODEL, ProjectError, replace_dir, resolve_device, resolve_dtype
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# copied beside every saved checkpoint: the tokenizer, its chat template(s) (transformers >= 4.5x keeps them in
+# chat_template.jinja and additional_chat_templates/) and the generation defaults
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "tokenizer.model", "added_tokens.json", "additional_chat_templates")
 MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ProjectError):
     """A model or tokenizer directory that cannot be read; the message names the file."""
 
 
@@ -388,8 +390,14 @@ class Transformer(nn.Module):
                     json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
             src = Path(tokenizer_dir) if tokenizer_dir else self.source_dir
             for name in TOKENIZER_FILES if src else ():
-                if (src / name).is_file():
+                if (src / name).is_dir():
+                    shutil.copytree(src / name, tmp / name)
+                elif (src / name).is_file():
                     shutil.copy2(src / name, tmp / name)
+            umask = os.umask(0)
+            os.umask(umask)
+            for f in tmp.rglob("*"):  # one mode for every file (safetensors writes its files 0600)
+                f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
             replace_dir(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -430,17 +438,6 @@ class open_safetensors:
 
     def __exit__(self, *exc):
         return self.handle.__exit__(*exc)
-
-
-def replace_dir(tmp: Path, target: Path):
-    """Move a finished directory into place; an existing target is swapped out, never half-overwritten."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old{os.getpid()}"
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -516,7 +513,9 @@ class Tokenizer:
 
     def save(self, out_dir):
         for name in TOKENIZER_FILES:
-            if (self.path / name).is_file():
+            if (self.path / name).is_dir():
+                shutil.copytree(self.path / name, Path(out_dir) / name, dirs_exist_ok=True)
+            elif (self.path / name).is_file():
                 shutil.copy2(self.path / name, Path(out_dir) / name)
 
 
@@ -524,87 +523,51 @@ def load_tokenizer(path) -> Tokenizer:
     return Tokenizer(path)
 
 
-# ----------------------------------------------------------------------------------------------- run records
-
-def atomic_write_lines(path, lines) -> int:
-    """Write `lines` (each without its newline) to a temporary file beside `path`, then rename: a crash or
-    Ctrl-C never leaves a half-written file. Streams, so a multi-GB corpus is never held in memory.
-    Returns the number of lines."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    n = 0
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-                n += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
-
-
-def atomic_write_json(path, obj):
-    atomic_write_lines(path, [json.dumps(obj, indent=2, default=str)])
-
-
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def run_info(args=None) -> dict:
-    """What every run records next to its outputs: arguments, versions, machine, start time."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "args": vars(args) if isinstance(args, argparse.Namespace) else args,
-        "argv": sys.argv,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-                     "git_commit": _git_commit()},
-        "host": platform.node(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 on a GPU, fp32 on a CPU (bf16 matmuls are slow and imprecise there)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+def load(path, device=None, dtype=None, allow_nonfinite=False):
+    """The one way scripts load a checkpoint: -> (model in eval mode, tokenizer). device None: cuda when available;
+    dtype None (or a name): bf16 on a GPU, fp32 on a CPU. A tensor with NaN or inf values is refused (it would
+    give garbage or chance-level scores without a word) unless allow_nonfinite."""
+    device = resolve_device(device) if device is None or isinstance(device, str) else device
+    if dtype is None or isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device)
+    if not allow_nonfinite:
+        for name, p in model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise CheckpointError(f"{path}: tensor {name} has non-finite values (NaN or inf); pass "
+                                      "--allow-nonfinite to load it anyway")
+    return model.eval(), load_tokenizer(path)
 
 
 # ----------------------------------------------------------------------------------------------- smoke test
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy continuation of a prompt: the first check on a real checkpoint.")
-    p.add_argument("--model", default="data/toy/model", help="Hugging Face Llama/Mistral checkpoint directory")
+    p.add_argument("--model", default=str(TOY_MODEL), help="Hugging Face Llama/Mistral checkpoint directory")
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: bf16 on GPU, fp32 on CPU")
-    args = p.parse_args()
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
-    try:
-        t0 = time.time()
-        model = Transformer.from_pretrained(args.model, dtype=dtype, device=args.device)
-        tok = load_tokenizer(args.model)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load a checkpoint with NaN/inf weights")
+    args = p.parse_args(argv)
+    from infra import cli_main
+    cli_main("model.py", smoke_test, args)
+
+
+def smoke_test(args):
+    if args.max_new_tokens < 1:
+        raise ProjectError(f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1")
+    t0 = time.time()
+    model, tok = load(args.model, args.device, args.dtype, args.allow_nonfinite)
+    dtype = model.lm_head_weight.dtype
     print(f"loaded {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, {dtype}) in {time.time() - t0:.1f}s")
     t0 = time.time()
     new = model.generate([tok.encode(args.prompt)], args.max_new_tokens, tok.eos_token_id, tok.pad_token_id)[0]
-    if args.device.startswith("cuda"):
+    if model.lm_head_weight.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
     print(args.prompt + tok.decode(new))
-    print(f"{len(new)} tokens in {dt:.2f}s ({len(new) / dt:.1f} tokens/s)")
+    print(f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tokens/s)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ The DATA layout (what `python -m data.fetch --data DATA` writes; `make fetch DAT
     DATA/models/<name>/                    a model snapshot (any HF Llama/Mistral checkpoint dir)
     DATA/fetch.json                        fetch.py's run record
 
-The embedded toy benchmark data/toy/ (built by data/make_toy.py) is a DATA dir too, with its own files:
+The embedded toy benchmark data/toy/ (built by make_toy.py) is a DATA dir too, with its own files:
 forget_corpus.jsonl, retain_corpus.jsonl, toy_hazard.jsonl, toy_general.jsonl (TASKS toy_*), model/.
 
 Corpora (read_corpus): documents are kept when len(text) > min_chars, as the reference RMU's
@@ -62,8 +62,10 @@ import json
 import os
 from pathlib import Path
 
+from infra import ProjectError
 
-class DataError(ValueError):
+
+class DataError(ProjectError):
     """A data file is missing or malformed; the message names the file (and line) and what was expected."""
 
 
@@ -91,11 +93,12 @@ TASKS = {
     "wmdp_cyber": ("wmdp/wmdp_cyber.jsonl", "cybersecurity"),
     "wmdp_chem": ("wmdp/wmdp_chem.jsonl", "chemistry"),
     "mmlu": ("mmlu/mmlu.jsonl", None),
-    "toy_hazard": ("toy_hazard.jsonl", "biology"),  # = data/make_toy.py HAZARD_TOPIC (cais/wmdp format: no subject)
+    "toy_hazard": ("toy_hazard.jsonl", "biology"),  # = make_toy.py HAZARD_TOPIC (cais/wmdp format: no subject)
     "toy_general": ("toy_general.jsonl", None),
 }
 
 MUSE_DIRS = {"news": "muse/news", "books": "muse/books"}
+MUSE_TASKS = {"muse_news": "news", "muse_books": "books"}   # evaluation task name -> MUSE corpus
 # MUSE file stem -> fields of each record. One string field "text" -> the reader returns list[str].
 MUSE_FILES = {
     "raw_forget": ("text",),
@@ -123,10 +126,14 @@ def how_to_get(path):
     p = Path(path).as_posix()
     if Path(p).name == Path(BIO_FORGET).name:
         return BIO_FORGET_HOWTO
+    known = [BIO_RETAIN, CYBER_FORGET, CYBER_RETAIN, WIKITEXT] + [rel for rel, _ in TASKS.values()
+                                                                  if not rel.startswith("toy_")]
+    if "/toy/" in p and any(p.endswith(rel) for rel in known):  # a real benchmark's file asked of the toy
+        return ("the embedded toy has no such file: give --data DATA (make ... DATA=<dir>) with the real files, "
+                "downloaded with `make fetch DATA=<dir>`")
     if "/toy/" in p or Path(p).name in ("toy_hazard.jsonl", "toy_general.jsonl",
                                          "forget_corpus.jsonl", "retain_corpus.jsonl"):
-        return "rebuild the embedded toy benchmark with `make toy` (python -m data.make_toy)"
-    known = [BIO_RETAIN, CYBER_FORGET, CYBER_RETAIN, WIKITEXT] + [rel for rel, _ in TASKS.values()]
+        return "rebuild the embedded toy benchmark with `make toy` (python make_toy.py)"
     if any(p.endswith(rel) for rel in known) or "/muse/" in p or p.startswith("muse/"):
         return "download it with `make fetch DATA=<dir>` (python -m data.fetch --data <dir>)"
     return "check the path"
@@ -163,10 +170,15 @@ def wmdp_files(data_dir):
 # -----------------------------------------------------------------------------
 # low-level record iterators: yield (where, obj) with where = "FILE:LINE" or "FILE:row N"
 
-def _jsonl_records(path):
+def jsonl_records(path):
+    """("FILE:LINE", object) for every non-blank line of a JSON Lines file; DataError names the line."""
     _need(path)
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a binary file is reported at its own line
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{i}: expected UTF-8 text (is this a binary file?)") from None
             if not line.strip():
                 continue
             try:
@@ -204,7 +216,7 @@ def _parquet_records(path, columns=None):
 def _records(path, columns=None):
     ext = Path(path).suffix.lower()
     if ext == ".jsonl":
-        return _jsonl_records(path)
+        return jsonl_records(path)
     if ext == ".parquet":
         return _parquet_records(path, columns)
     raise DataError(f"{path}: expected a .jsonl or .parquet file")
@@ -232,11 +244,14 @@ def read_corpus(path, min_chars=0):
         _need(path)
         wikitext = Path(path).name.lower().startswith("wikitext")
         docs = []
-        with open(path, encoding="utf-8") as f:  # universal newlines, like the Hub's wikitext builder
-            for line in f:
-                text = line.rstrip("\n")
-                if text.strip():
-                    docs.append(text + "\n" if wikitext else text)  # wikitext rows keep their newline
+        try:
+            with open(path, encoding="utf-8") as f:  # universal newlines, like the Hub's wikitext builder
+                for line in f:
+                    text = line.rstrip("\n")
+                    if text.strip():
+                        docs.append(text + "\n" if wikitext else text)  # wikitext rows keep their newline
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{len(docs) + 1}: expected UTF-8 text (is this a binary file?)") from None
     elif ext in (".jsonl", ".parquet"):
         docs = [_str_field(obj, "text", where) for where, obj in _records(path, columns=["text"])]
         docs = [d for d in docs if d]
@@ -244,7 +259,11 @@ def read_corpus(path, min_chars=0):
         raise DataError(f"{path}: expected a corpus file ending in .jsonl, .txt or .parquet")
     if not docs:
         raise DataError(f"{path}: expected at least one document, found none")
-    return [d for d in docs if len(d) > min_chars]
+    kept = [d for d in docs if len(d) > min_chars]
+    if not kept:
+        raise DataError(f"{path}: no document is longer than --min-chars {min_chars} (the longest has "
+                        f"{max(map(len, docs))} characters)")
+    return kept
 
 
 def corpus_path(name_or_path, data_dir=None):
@@ -309,6 +328,14 @@ def mc_description(topic):
     return f"The following are multiple choice questions (with answers) about {topic.replace('_', ' ')}.\n\n"
 
 
+def mc_prompt(question, choices, topic=None):
+    """The zero-shot context lm-eval builds for wmdp_* / mmlu_*: description + doc_to_text (REFERENCE section 4)."""
+    if len(choices) != 4:
+        raise DataError(f"expected 4 choices, got {len(choices)}")
+    return (mc_description(topic) + f"{question.strip()}\nA. {choices[0]}\nB. {choices[1]}\nC. {choices[2]}"
+            f"\nD. {choices[3]}\nAnswer:")
+
+
 def resolve_task(name_or_path, data_dir):
     """A task name of TASKS (file under data_dir) or a path to any MC .jsonl/.parquet file.
 
@@ -338,7 +365,7 @@ def resolve_task(name_or_path, data_dir):
 def read_muse_file(path, fields):
     """One MUSE JSON Lines file -> list[str] when fields == ("text",), else list[dict] with those fields."""
     rows = []
-    for where, obj in _jsonl_records(str(path)):
+    for where, obj in jsonl_records(str(path)):
         vals = {k: _str_field(obj, k, where) for k in fields}
         rows.append(vals["text"] if fields == ("text",) else vals)
     if not rows:

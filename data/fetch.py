@@ -84,8 +84,15 @@ def hub_download(repo_id, repo_type="dataset", allow_patterns=None, local_dir=No
         from huggingface_hub import snapshot_download
     except ImportError:
         raise SystemExit("data/fetch.py needs huggingface_hub: pip install huggingface_hub pyarrow") from None
-    return snapshot_download(repo_id=repo_id, repo_type=repo_type, allow_patterns=allow_patterns,
-                             local_dir=local_dir)
+    try:
+        return snapshot_download(repo_id=repo_id, repo_type=repo_type, allow_patterns=allow_patterns,
+                                 local_dir=local_dir)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # offline (HF_HUB_OFFLINE, no network), gated, missing repo: one line, not a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{repo_id}: download failed ({type(e).__name__}: {first}); this needs network access "
+                        "to the Hugging Face Hub (and HF_HUB_OFFLINE unset)") from None
 
 
 # -----------------------------------------------------------------------------
@@ -155,7 +162,7 @@ def convert(files, out_path, kind):
         for path in files:
             for where, row in iter_rows(path):
                 yield convert_row(row, where, kind)
-    from model import atomic_write_lines
+    from infra import atomic_write_lines
     return atomic_write_lines(out_path, lines())
 
 
@@ -231,12 +238,15 @@ def main(argv=None, download=hub_download):
     bad = [x for x in parts if x not in PARTS]
     if bad:
         p.error(f"--parts: unknown {', '.join(bad)}; expected some of {','.join(PARTS)}")
-    from model import atomic_write_json, run_info
+    from infra import atomic_write_json, run_info
     info, t0 = run_info(args), time.time()
     try:
         report = fetch(args.data, args.model, args.model_dir, parts, download=download, force=args.force)
     except DataError as e:
         raise SystemExit(f"data/fetch.py: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("data/fetch.py: interrupted; files already written are complete, the rest is not there "
+                         "(rerun to continue)") from None
     atomic_write_json(os.path.join(args.data, "fetch.json"), dict(info, time_s=round(time.time() - t0, 1),
                                                                   results=report))
 

@@ -32,3 +32,20 @@ def write_corpus(path, n: int, seed: int, words: list, lo: int, hi: int) -> str:
         for _ in range(n):
             f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))}) + "\n")
     return str(path)
+
+
+def tiny_llama(root, words, tokenizer_config: dict, init=None, **config):
+    """A random Llama-family checkpoint (model.py's, saved in the Hugging Face layout with a BPE tokenizer trained
+    on `words`) in root/model -> its path. config: ModelConfig fields (vocab_size comes from the tokenizer);
+    init(model) may reshape the random weights. torch is seeded with 0 first, so the weights are reproducible."""
+    import torch
+    from model import ModelConfig, Transformer
+    root = Path(root)
+    V = bpe_tokenizer(root / "tok", [" ".join(words)] * 20, tokenizer_config)
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=V, **config))
+    if init is not None:
+        with torch.no_grad():
+            init(m)
+    m.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    return str(root / "model")

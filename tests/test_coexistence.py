@@ -123,8 +123,8 @@ def test_make_with_own_python_installs_nothing(target):
 def test_make_runs_package_scripts_as_modules():
     out = {t: subprocess.run(["make", "-n", t, "PY=python3"], cwd=ROOT, capture_output=True, text=True,
                              timeout=60).stdout for t in ("bench", "toy", "fetch")}
-    assert "python3 -m lpkernels.bench" in out["bench"]
-    assert "python3 -m data.make_toy" in out["toy"]
+    assert "python3 -m benches.kernels" in out["bench"]
+    assert "python3 make_toy.py" in out["toy"]
     assert "python3 -m data.fetch" in out["fetch"]
 
 

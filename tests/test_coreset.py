@@ -1,8 +1,10 @@
 """coreset.py on a tiny random model: every selection method (determinism, ratio semantics, scores against direct
-float64 / per-document computations), keyword extraction, the coreset file as unlearn.py reads it, the sweep's
-resume and report, and one-line errors."""
+float64 / per-document computations), keyword extraction, the coreset file as unlearn.py reads it (read_coreset),
+GraNd-RMU's control vectors = the training's, the sweep's resume and report (coreset_sweep.py), and one-line errors.
+The scores' own math (Min-K%, Min-K%++, zlib, the control vector) is tested in test_losses.py."""
 import json
 import math
+import random
 import zlib
 from pathlib import Path
 
@@ -11,9 +13,13 @@ import pytest
 import torch
 
 import coreset as C
+import coreset_sweep as S
+import data
 import helpers
-from helpers import bpe_tokenizer
-from model import ModelConfig, Transformer, load_tokenizer
+import losses
+import methods
+from infra import TOY_MODEL, ProjectError
+from model import Transformer, load_tokenizer
 
 WORDS = "the virus spores toxin anthrax lab culture cat sat on mat with hat river stone".split()
 
@@ -21,10 +27,6 @@ WORDS = "the virus spores toxin anthrax lab culture cat sat on mat with hat rive
 @pytest.fixture(autouse=True)
 def reference_kernels(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels' fast chunked PyTorch path on CPU
-
-
-def make_tokenizer(path: Path):
-    return bpe_tokenizer(path, [" ".join(WORDS)] * 20, {"bos_token": "<s>", "eos_token": "</s>"})
 
 
 def write_corpus(path, n, seed, lo=1, hi=25):
@@ -35,25 +37,21 @@ def write_corpus(path, n, seed, lo=1, hi=25):
 def tiny(tmp_path_factory):
     """A 3-layer random Llama (GQA, odd vocab) with a BPE tokenizer and two forget corpora."""
     root = tmp_path_factory.mktemp("tiny")
-    V = make_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.3)
-    m.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    helpers.tiny_llama(root, WORDS, {"bos_token": "<s>", "eos_token": "</s>"}, init=lambda m: [
+        p.normal_(0, 0.3) for p in m.parameters()], hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256, bos_token_id=0,
+        eos_token_id=1)
     f1 = write_corpus(root / "f1.jsonl", 13, 1)
     f2 = write_corpus(root / "f2.jsonl", 9, 2)
     return dict(root=root, model=str(root / "model"), f1=f1, f2=f2)
 
 
 def sel_args(tiny, out, *extra, method="random", ratio="0.3", forget=None):
+    """The CLI's flags -> the SelectConfig coreset.select takes (as coreset.main builds it)."""
     argv = ["--method", method, "--model", tiny["model"], "--forget", forget or f"{tiny['f1']},{tiny['f2']}",
             "--ratio", str(ratio), "--out", str(out), "--batch-size", "4", "--no-progress",
             "--layer-id", "2", "--layer-ids", "1,2", *extra]
-    return C.build_parser().parse_args(argv)
+    return C.SelectConfig(**vars(C.build_parser().parse_args(argv)))
 
 
 def read_lines(path):
@@ -75,12 +73,22 @@ def test_ratio_semantics():
 
 
 def test_random_matches_unlearn_ratio_and_is_seeded():
+    """unlearn.py --ratio draws the very documents coreset.py --method random writes: random.Random seeded with
+    seed * 1000003 + file index, a sorted sample."""
+    from types import SimpleNamespace
+
     import unlearn
     for n, r, seed, t in [(100, 0.05, 0, 0), (37, 0.2, 3, 1), (9, 4, 1, 0)]:
         k = C.coreset_size(r, n)
-        assert list(C.random_indices(n, k, seed, t)) == unlearn.random_subset(n, r, seed, t)
+        want = sorted(random.Random(seed * 1_000_003 + t).sample(range(n), k))
+        assert C.random_indices(n, k, seed, t).tolist() == want
+    cfg = SimpleNamespace(coreset=None, ratio=0.2, seed=3, forget=["a", "b"])
+    docs = [["x"] * 37, ["y"] * 12]
+    assert unlearn.select(cfg, docs) == [C.random_indices(37, 7, 3, 0).tolist(), C.random_indices(12, 2, 3, 1).tolist()]
+    assert unlearn.select(SimpleNamespace(coreset=None, ratio=None), docs) == [list(range(37)), list(range(12))]
     a = C.random_indices(200, 10, 0)
     assert list(a) == list(C.random_indices(200, 10, 0)) and list(a) != list(C.random_indices(200, 10, 1))
+    assert list(a) != list(C.random_indices(200, 10, 0, 1))
 
 
 def test_choose_order_ties_and_nan():
@@ -106,7 +114,8 @@ def test_every_method_deterministic_per_file(tiny, tmp_path, method):
     assert [len(by_file[tiny["f1"]]), len(by_file[tiny["f2"]])] == [C.coreset_size(0.3, 13), C.coreset_size(0.3, 9)]
     assert (method == "random") == all(x["score"] is None for x in a)
     run = json.loads((tmp_path / "a.json").read_text())
-    assert run["method"] == method and run["args"]["seed"] == 0 and "total_s" in run["timings"]
+    assert run["method"] == method and run["args"]["seed"] == 42 and "total_s" in run["timings"]
+    assert run["args"]["method"] == method and run["versions"]["torch"] == torch.__version__
     assert r1["files"] == r2["files"]
     if method != "random":  # the selected scores are the extreme ones of the order
         order = C.DEFAULT_ORDER[method]
@@ -153,7 +162,7 @@ def test_token_scores_equal_float64_reference(tiny):
             assert all(math.isnan(got[m][i]) for m in C.TOKEN_METHODS)
             continue
         n = lp.size
-        k = max(1, int(0.4 * n))
+        k = max(1, int(losses.MIN_K * n))
         loss = -lp.mean()
         ref = {"loss": loss, "zlib": loss / len(zlib.compress(tok.decode(tok.encode(d)).encode())),
                "mink": -np.sort(lp)[:k].mean(), "minkpp": -np.sort((lp - mu) / sd)[:k].mean()}
@@ -188,7 +197,7 @@ def test_grand_equals_per_document_autograd(tiny, loss):
     tok = load_tokenizer(tiny["model"])
     docs = [json.loads(x)["text"] for x in Path(tiny["f1"]).read_text().splitlines()]
     docs = [d for d in docs if len(tok.encode(d)) >= 2]
-    c = C.control_vector(model.config.hidden_size, 6.5, 0)
+    c = losses.control_vector(model.config.hidden_size, 6.5, 0)
     got = C.grand_scores(model, tok, docs, loss, 2, [1, 2], c, batch_size=4, progress=False)
     ref = [per_doc_grad_norm(model, tok, d, loss, c) for d in docs]
     np.testing.assert_allclose(got, ref, rtol=1e-4)
@@ -223,57 +232,165 @@ def test_moderate_equals_numpy(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- keywords
 
-def test_keywords_on_a_hand_made_corpus(tmp_path):
+def test_keywords_cli_writes_a_forget_corpus(tmp_path):
+    """coreset.py --method keywords writes a forget corpus unlearn.py reads (data.read_corpus): each document reduced
+    to losses.extract_keywords' words (their math is tested in test_losses.py)."""
     forget = ["The anthrax spores were grown in the lab.", "Anthrax toxin and the spores of the culture.",
               "In the lab, the toxin is purified from anthrax."] * 3
     retain = ["The cat sat on the mat.", "The river was in the valley and the stone was in the river.",
               "A lab is a room."] * 5
-    kws = C.extract_keywords(forget, retain, min_z=1.0)
-    words = [w for w, _, _ in kws]
-    assert {"anthrax", "spores", "toxin"} <= set(words)
-    assert "the" not in words and "cat" not in words
-    assert words[0] == "anthrax"                       # the most frequent forget-only word leads
-    assert C.keyword_document("The Anthrax spores, the cat.", set(words)) == "Anthrax spores"
-    # the CLI writes a forget corpus unlearn.py reads (data.read_corpus)
+    words = [w for w, _, _ in losses.extract_keywords(forget, retain, min_z=1.0)]
     f, r = tmp_path / "f.jsonl", tmp_path / "r.jsonl"
     f.write_text("".join(json.dumps({"text": t}) + "\n" for t in forget))
     r.write_text("".join(json.dumps({"text": t}) + "\n" for t in retain))
     out = tmp_path / "kw.jsonl"
     C.main(["--method", "keywords", "--forget", str(f), "--retain", str(r), "--out", str(out), "--min-z", "1.0"])
-    import data
     texts = data.read_corpus(out)
+    assert texts == [losses.keyword_document(t, set(words)) for t in forget]
     assert len(texts) == len(forget) and all(set(t.lower().split()) <= set(words) for t in texts)
     assert texts[0].split()[:2] == ["anthrax", "spores"]   # in document order, original case kept
-    assert json.loads((tmp_path / "kw.json").read_text())["files"][0]["keywords"][0]["word"] == "anthrax"
+    rec = json.loads((tmp_path / "kw.json").read_text())
+    assert [k["word"] for k in rec["files"][0]["keywords"]] == words and words[0] == "anthrax"
 
 
 # ----------------------------------------------------------------------------------------------- unlearn reads it
 
 def test_coreset_file_read_back_by_unlearn(tiny, tmp_path):
-    import data
     import unlearn
     out = tmp_path / "cs.jsonl"
     C.select(sel_args(tiny, out, method="mink", ratio="0.25"))
     files = [tiny["f1"], tiny["f2"]]
     sizes = [len(data.read_corpus(f)) for f in files]
-    got = unlearn.read_coreset(str(out), files, sizes)
+    got = C.read_coreset(str(out), files, sizes)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert got == [sorted(r["index"] for r in lines if r["file"] == f) for f in files]
     assert [len(g) for g in got] == [C.coreset_size(0.25, n) for n in sizes]
+    # unlearn.py --coreset reads it through the same function
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(coreset=str(out), ratio=None, seed=0, forget=files)
+    assert unlearn.select(cfg, [data.read_corpus(f) for f in files]) == got
+
+
+@pytest.mark.parametrize("lines, msg", [
+    (['{"file": "F1", "index": 99, "score": null}'], "index 99 out of range"),
+    (['{"file": "F1", "index": 0, "score": null}', '{"file": "F1", "index": 0, "score": 1.0}'], "duplicate index 0"),
+    (['{"file": "/elsewhere/x.jsonl", "index": 0, "score": null}'], "is not one of --forget"),
+    (['{"file": "F1", "index": "0", "score": null}'], "expected {\"file\": str, \"index\": int"),
+    (['{"file": "F1", "index": true, "score": null}'], "expected {\"file\": str, \"index\": int"),
+    (['{"file": "F1", "index": 0, "score": "high"}'], "'score' to be a number or null"),
+    (['{"file": "F1", "index": 0, "score": null}'], "selects no document of forget file F2"),
+])
+def test_read_coreset_rejects_bad_files(tiny, tmp_path, lines, msg):
+    f1, f2 = tiny["f1"], tiny["f2"]
+    path = tmp_path / "cs.jsonl"
+    path.write_text("".join(x.replace("F1", f1) + "\n" for x in lines))
+    with pytest.raises(C.CoresetError) as e:
+        C.read_coreset(path, [f1, f2] if "F2" in msg else [f1], [13, 9])
+    text = str(e.value).replace(f2, "F2")
+    assert msg in text and "\n" not in text
+    assert isinstance(e.value, ProjectError)
+
+
+def test_read_coreset_missing_or_unreadable_file(tiny, tmp_path):
+    with pytest.raises(C.CoresetError, match="--coreset: missing file"):
+        C.read_coreset(tmp_path / "none.jsonl", [tiny["f1"]], [13])
+    binary = tmp_path / "cs.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(data.DataError, match="cs.jsonl:1: expected UTF-8 text"):
+        C.read_coreset(binary, [tiny["f1"]], [13])
+    binary.write_text('{"file": 1}\nnot json\n')
+    with pytest.raises(ProjectError, match=r"cs.jsonl:1: expected \{"):
+        C.read_coreset(binary, [tiny["f1"]], [13])
+    # the same file by another spelling of its path counts
+    other = str(Path(tiny["f1"]).parent / "." / Path(tiny["f1"]).name)
+    binary.write_text(json.dumps({"file": other, "index": 3, "score": None}) + "\n")
+    assert C.read_coreset(binary, [tiny["f1"]], [13]) == [[3]]
+
+
+# ----------------------------------------------------------------------------------------------- GraNd-RMU = training
+
+def old_control_vector(d, coeff, seed, file_index):
+    """The control vector GraNd used before the layout change: its own seeding (seed * 1000003 + file), not RMU's."""
+    g = torch.Generator().manual_seed(int(seed) * 1000003 + int(file_index))
+    u = torch.rand(d, generator=g)
+    return coeff * u / u.norm()
+
+
+def test_grand_control_vectors_are_the_trainings(tiny, tmp_path, monkeypatch):
+    """Seed 1, two topics with their own steering coefficients: the control vector GraNd-RMU scores file 1 with is,
+    bit for bit, the one unlearn.train_rmu trains topic 1 towards (losses.control_vector), not the old formula's."""
+    import unlearn
+    seen_grand = {}
+    real_grand = C.grand_scores
+
+    def grand_spy(model, tok, docs, loss, layer_id, layer_ids, control, *a, **k):
+        seen_grand[len(seen_grand)] = (layer_id, list(layer_ids), control.detach().clone())
+        return real_grand(model, tok, docs, loss, layer_id, layer_ids, control, *a, **k)
+    monkeypatch.setattr(C, "grand_scores", grand_spy)
+    rec = C.select(C.SelectConfig(method="grand", model=tiny["model"], forget=f"{tiny['f1']},{tiny['f2']}", ratio=0.5,
+                                  seed=1, layer_id=2, layer_ids="1,2", steering_coeffs="4,9", progress=False,
+                                  out=str(tmp_path / "cs.jsonl")))
+    assert rec["grand"] == {"layer_id": 2, "layer_ids": [1, 2], "steering_coeffs": [4.0, 9.0], "loss": "rmu"}
+
+    seen_train = []
+    real_loss = unlearn.RMU.loss
+
+    def loss_spy(self, f_h, f_mask, c, *a, **k):
+        seen_train.append(c.detach().clone())
+        return real_loss(self, f_h, f_mask, c, *a, **k)
+    monkeypatch.setattr(unlearn.RMU, "loss", loss_spy)
+    cfg = methods.resolve({"method": "rmu", "model": tiny["model"], "forget": [tiny["f1"], tiny["f2"]],
+                           "retain": [tiny["f2"]], "seed": 1, "steps": 2, "layer_id": 2, "layer_ids": [1, 2],
+                           "steering_coeffs": [4.0, 9.0], "eval_tasks": [], "save": False, "progress": False,
+                           "out": str(tmp_path / "u")})
+    unlearn.run(cfg)
+    assert len(seen_train) == 2                               # step 0: topic 0, step 1: topic 1
+
+    d = Transformer.from_pretrained(tiny["model"]).config.hidden_size
+    for t, coeff in ((0, 4.0), (1, 9.0)):
+        layer_id, layer_ids, c_grand = seen_grand[t]
+        assert (layer_id, layer_ids) == (2, [1, 2])
+        assert c_grand.shape == seen_train[t].shape == (1, 1, d)
+        assert torch.equal(c_grand, seen_train[t])
+        assert torch.equal(c_grand, losses.control_vector(d, coeff, 1, t, torch.float32))
+        assert not torch.allclose(c_grand.flatten(), old_control_vector(d, coeff, 1, t), atol=1e-3)
+    assert not torch.allclose(seen_grand[0][2] / 4.0, seen_grand[1][2] / 9.0)   # one direction per topic
+
+
+def test_grand_rmu_defaults_are_unlearnings_for_the_model():
+    """Without flags GraNd-RMU uses what unlearning uses for the model: the toy's own values on the toy (data/toy/
+    defaults.json), the reference recipe elsewhere; a flag wins."""
+    toy = methods.resolve({"method": "rmu"})
+    assert C.grand_rmu_settings(C.SelectConfig(model=str(TOY_MODEL))) == \
+        (toy.layer_id, toy.layer_ids, toy.steering_coeffs)
+    ref = methods.RMUConfig()
+    assert C.grand_rmu_settings(C.SelectConfig(model="/some/real/model")) == \
+        (ref.layer_id, ref.layer_ids, ref.steering_coeffs) == (7, [5, 6, 7], [6.5])
+    assert C.grand_rmu_settings(C.SelectConfig(model="/m", layer_id=3, layer_ids="1 2", steering_coeffs="2,5")) == \
+        (3, [1, 2], [2.0, 5.0])
+    args = C.build_parser().parse_args(["--steering-coeffs", "2,5"])
+    assert args.steering_coeffs == "2,5" and args.layer_id is None and args.layer_ids is None
 
 
 # ----------------------------------------------------------------------------------------------- sweep
 
 def fake_unlearn(calls):
-    def run(args):
-        calls.append(args)
-        n = 1 if args.coreset is None else len(Path(args.coreset).read_text().splitlines())
-        acc = 0.25 + 0.01 * n + 0.001 * args.seed
-        return {"steps": args.steps, "train_s": 0.1, "coreset": {"n_docs": [13, 9], "n_selected": [n]},
-                "args": vars(args),
+    def run(cfg, given=None):
+        calls.append(cfg)
+        n = 1 if cfg.coreset is None else len(Path(cfg.coreset).read_text().splitlines())
+        acc = 0.25 + 0.01 * n + 0.002 * cfg.seed
+        return {"steps": cfg.steps, "train_s": 0.1, "coreset": {"n_docs": [13, 9], "n_selected": [n]},
+                "args": given,
                 "eval": {"before": {"toy_hazard": {"acc": 0.8}, "toy_general": {"acc": 0.6}},
                          "after": {"toy_hazard": {"acc": acc}, "toy_general": {"acc": 0.59}}}}
     return run
+
+
+def sweep_argv(tiny, tmp_path, *extra):
+    return ["--method", "rmu", "--select", "random", "--ratios", "0.2 1.0", "--seeds", "0,1", "--model",
+            tiny["model"], "--data", str(tmp_path), "--forget", f"{tiny['f1']},{tiny['f2']}", "--retain",
+            tiny["f2"], "--tasks", "toy_hazard,toy_general", "--steps", "3", "--out", str(tmp_path / "sweep"),
+            "--no-progress", "--unlearn-args", "--layer-id 2 --layer-ids 1,2", *extra]
 
 
 def test_sweep_resumes_and_reports(tiny, tmp_path, monkeypatch):
@@ -281,35 +398,69 @@ def test_sweep_resumes_and_reports(tiny, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(unlearn, "run", fake_unlearn(calls))
     out = tmp_path / "sweep"
-    argv = ["--method", "rmu", "--select", "random", "--ratios", "0.2 1.0", "--seeds", "0,1", "--model",
-            tiny["model"], "--data", str(tmp_path), "--forget", f"{tiny['f1']},{tiny['f2']}", "--retain",
-            tiny["f2"], "--tasks", "toy_hazard,toy_general", "--steps", "3", "--out", str(out), "--no-progress",
-            "--docs", str(tmp_path / "docs" / "sweep")]
-    agg = C.sweep_main(argv)
+    argv = sweep_argv(tiny, tmp_path, "--docs", str(tmp_path / "docs" / "sweep"))
+    agg = S.main(argv)
     assert len(calls) == 4
     full = [c for c in calls if c.coreset is None]
     assert len(full) == 2                                  # ratio 1: the full set, no coreset file
-    assert all(c.steps == 3 and c.no_save for c in calls)
+    assert all(isinstance(c, methods.RMUConfig) for c in calls)   # resolved configs, checked before any run
+    assert all(c.steps == 3 and c.save is False and (c.layer_id, c.layer_ids) == (2, [1, 2]) for c in calls)
     assert sorted(c.seed for c in calls) == [0, 0, 1, 1]
     assert agg["base"] == {"toy_hazard": 0.8, "toy_general": 0.6}
     assert agg["forget_metrics"] == ["toy_hazard"] and agg["utility_metrics"] == ["toy_general"]
     row = [r for r in agg["rows"] if r["ratio"] == 0.2][0]
     vals = row["metrics"]["toy_hazard"]["values"]
+    # ratio 0.2: round(0.2 * 13) = 3 selected lines from f1 + 2 from f2 -> acc 0.25 + 0.05 + 0.002 * seed
+    assert vals == pytest.approx([0.30, 0.302])
     assert row["metrics"]["toy_hazard"]["mean"] == pytest.approx(np.mean(vals))
     assert row["metrics"]["toy_hazard"]["std"] == pytest.approx(np.std(vals, ddof=1))
     for f in ("results.json", "results.md"):
         assert (out / f).is_file() and (tmp_path / "docs" / f"sweep.{f.split('.')[1]}").is_file()
     md = (out / "results.md").read_text()
     assert "base model" in md and "80.0" in md and "20%" in md and "100%" in md
+    assert "| random | 20% | 5 | 30.1 ± 0.1 | 59.0 ± 0.0 | 2 |" in md
     # rerun: every cell has its result -> no unlearning at all
-    C.sweep_main(argv)
+    S.main(argv)
     assert len(calls) == 4
     # a removed cell result is the only one redone; a new seed adds its cells
     (out / "cells" / "random_r0.2_s1" / "result.json").unlink()
-    C.sweep_main(argv)
+    S.main(argv)
     assert len(calls) == 5 and calls[-1].seed == 1 and calls[-1].coreset is not None
-    C.sweep_main([a if a != "0,1" else "0,1,2" for a in argv])
+    S.main([a if a != "0,1" else "0,1,2" for a in argv])
     assert len(calls) == 7
+
+
+def test_sweep_grand_cell_scores_with_the_cells_control_vectors(tiny, tmp_path, monkeypatch):
+    """A GraNd cell selects with the layers and control vectors of the very unlearning run the cell makes
+    (--unlearn-args included), at the cell's seed."""
+    import unlearn
+    calls, seen = [], []
+    monkeypatch.setattr(unlearn, "run", fake_unlearn(calls))
+
+    def grand_spy(model, tok, docs, loss, layer_id, layer_ids, control, *a, **k):
+        seen.append((loss, layer_id, list(layer_ids), control.detach().clone()))
+        return np.arange(len(docs), dtype=np.float64)
+    monkeypatch.setattr(C, "grand_scores", grand_spy)
+    argv = sweep_argv(tiny, tmp_path, "--select", "grand", "--ratios", "0.5", "--seeds", "2",
+                      "--unlearn-args", "--layer-id 2 --layer-ids 1 --steering-coeffs 3,9")
+    S.main(argv)
+    assert [c.seed for c in calls] == [2] and calls[0].coreset is not None
+    d = Transformer.from_pretrained(tiny["model"]).config.hidden_size
+    assert [(s[0], s[1], s[2]) for s in seen] == [("rmu", 2, [1])] * 2
+    for t, coeff in ((0, 3.0), (1, 9.0)):
+        assert torch.equal(seen[t][3], losses.control_vector(d, coeff, 2, t))
+    lines = read_lines(Path(calls[0].coreset))
+    # grand keeps the highest scores (here the last documents of each file)
+    assert [x["index"] for x in lines if x["file"] == tiny["f1"]] == list(range(13 - C.coreset_size(0.5, 13), 13))
+
+
+def test_sweep_overrides():
+    assert S.select_overrides("--mink-k 0.2 --order high") == {"mink_k": 0.2, "order": "high"}
+    assert S.select_overrides("") == {}
+    args = S.build_parser().parse_args(["--method", "npo", "--steps", "4", "--unlearn-args", "--lr 1e-4 --beta 0.2"])
+    ov = S.unlearn_overrides(args, 3, Path("/tmp/c"), coreset_file="/tmp/c/coreset.jsonl")
+    assert ov["method"] == "npo" and ov["seed"] == 3 and ov["steps"] == 4 and ov["coreset"] == "/tmp/c/coreset.jsonl"
+    assert ov["lr"] == 1e-4 and ov["beta"] == 0.2 and ov["save"] is False and "eval_limit" not in ov
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -322,32 +473,40 @@ def test_sweep_resumes_and_reports(tiny, tmp_path, monkeypatch):
     (["--method", "random"], "--ratio"),
     (["--method", "random", "--ratio", "0.1", "--forget", "/nonexistent/forget.jsonl"], "/nonexistent/forget.jsonl"),
     (["--method", "loss", "--ratio", "0.1", "--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--method", "grand", "--ratio", "0.1", "--layer-id", "5", "--layer-ids", "1"], "--layer-id 5"),
+    (["--method", "grand", "--ratio", "0.1", "--layer-id", "2", "--layer-ids", "1,x"], "--layer-ids"),
 ])
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path, argv, msg):
     argv = argv + ["--out", str(tmp_path / "x.jsonl")]
     if "--forget" not in argv:
         argv += ["--forget", tiny["f1"]]
+    if "--model" not in argv:
+        argv += ["--model", tiny["model"]]
     with pytest.raises(SystemExit) as e:
         C.main(argv)
     text = str(e.value.code)
-    assert text.startswith("error:") and msg in text and "\n" not in text
+    assert text.startswith("error:") and msg in text and "\n" not in text, text
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_sweep_bad_inputs(tiny, tmp_path):
     for argv, msg in [(["--select", "bogus"], "--select"), (["--ratios", "0.1 0"], "--ratios"),
-                      (["--forget", "/nonexistent/f.jsonl"], "/nonexistent/f.jsonl")]:
-        base = ["--forget", tiny["f1"], "--out", str(tmp_path / "s")]
+                      (["--forget", "/nonexistent/f.jsonl"], "/nonexistent/f.jsonl"),
+                      (["--unlearn-args", "--beta 0.1"], "--beta"),
+                      (["--unlearn-args", "--layer-id 9", "--ratios", "1"], "--layer-id 9")]:
+        base = ["--forget", tiny["f1"], "--retain", tiny["f2"], "--model", tiny["model"], "--out",
+                str(tmp_path / "s"), "--seeds", "0", "--tasks", "none", "--no-progress"]
         with pytest.raises(SystemExit) as e:
-            C.sweep_main(base + argv)
+            S.main(base + argv)
         text = str(e.value.code)
         assert text.startswith("error:") and msg in text and "\n" not in text, text
+        assert not (tmp_path / "s" / "results.json").exists()
 
 
 def test_keywords_per_forget_file(tiny, tmp_path):
     out = tmp_path / "kw.jsonl"
-    rec = C.select(C.build_parser().parse_args(
-        ["--method", "keywords", "--forget", f"{tiny['f1']},{tiny['f2']}", "--retain", tiny["f2"], "--out", str(out),
-         "--min-z", "-100", "--min-count", "1", "--keep-stopwords"]))
+    rec = C.select(C.SelectConfig(method="keywords", forget=f"{tiny['f1']},{tiny['f2']}", retain=tiny["f2"],
+                                  out=str(out), min_z=-100, min_count=1, keep_stopwords=True))
     outs = rec["forget_out"].split(",")
     assert [Path(o).name for o in outs] == ["kw.f1.jsonl", "kw.f2.jsonl"] and all(Path(o).is_file() for o in outs)
     assert (tmp_path / "kw.json").is_file()

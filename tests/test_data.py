@@ -1,4 +1,5 @@
-"""Readers of data/__init__.py and the offline behaviour of data/fetch.py, on small files made in tmp_path."""
+"""Readers of data/__init__.py (corpora, multiple choice, MUSE, the lm-eval prompt) and the offline behaviour of
+data/fetch.py, on small files made in tmp_path."""
 
 import fnmatch
 import json
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 import data  # noqa: E402
 from data import DataError  # noqa: E402
 from data import fetch  # noqa: E402
+from infra import ProjectError  # noqa: E402
 
 try:
     import pyarrow  # noqa: F401
@@ -63,6 +65,27 @@ def test_corpus_jsonl_malformed(tmp_path, line, expect):
     with pytest.raises(DataError) as e:
         data.read_corpus(p)
     assert str(e.value).startswith(p + ":2: ") and expect in str(e.value)
+
+
+def test_jsonl_records_name_the_line_and_binary_files(tmp_path):
+    p = write_jsonl(tmp_path / "r.jsonl", [{"a": 1}, "", {"b": "ü"}])
+    assert list(data.jsonl_records(p)) == [(f"{p}:1", {"a": 1}), (f"{p}:3", {"b": "ü"})]   # blank lines skipped
+    binary = tmp_path / "model.safetensors.jsonl"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(128, 256)))
+    with pytest.raises(DataError, match=r"model.safetensors.jsonl:1: expected UTF-8 text \(is this a binary file\?\)"):
+        list(data.jsonl_records(binary))
+    with pytest.raises(DataError, match="expected UTF-8 text"):
+        data.read_corpus(binary)                                   # every reader goes through it
+    with pytest.raises(DataError, match="missing"):
+        list(data.jsonl_records(tmp_path / "none.jsonl"))
+    assert issubclass(DataError, ProjectError)                     # one error class for every main()
+
+
+def test_jsonl_records_binary_line_number(tmp_path):
+    binary = tmp_path / "r.jsonl"
+    binary.write_bytes(b'{"a": 1}\n' + b"\xff\n")
+    with pytest.raises(DataError, match=r"r.jsonl:2: expected UTF-8 text"):
+        list(data.jsonl_records(binary))
 
 
 def test_corpus_txt(tmp_path):
@@ -189,11 +212,27 @@ def test_tasks_table():
     assert data.mc_description("biology") == "The following are multiple choice questions (with answers) about biology.\n\n"
     assert data.mc_description("high_school_biology").endswith("about high school biology.\n\n")
     assert data.mc_description(None) == "The following are multiple choice questions (with answers).\n\n"
+    assert data.MUSE_TASKS == {"muse_news": "news", "muse_books": "books"}
+    assert all(c in data.MUSE_DIRS for c in data.MUSE_TASKS.values())
 
 
 def test_toy_topic_matches_generator():
-    from data import make_toy
+    import make_toy
     assert data.TASKS["toy_hazard"][1] == make_toy.HAZARD_TOPIC
+
+
+def test_mc_prompt_is_lm_evals():
+    """The one definition of lm-eval's zero-shot wmdp_* / mmlu_* context (evaluate.py and make_toy.py use it)."""
+    p = data.mc_prompt("  What is 2+2? \n", ["3", "4", "5", "6"], "college_biology")
+    assert p == ("The following are multiple choice questions (with answers) about college biology.\n\n"
+                 "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert data.mc_prompt("Q", list("abcd"), "biology").startswith(
+        "The following are multiple choice questions (with answers) about biology.\n\nQ\nA. a")
+    assert data.mc_prompt("Q", list("abcd")) == data.mc_description(None) + "Q\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    with pytest.raises(DataError, match="expected 4 choices, got 2"):
+        data.mc_prompt("Q", ["a", "b"], None)
+    import make_toy
+    assert make_toy.mc_prompt is data.mc_prompt
 
 
 def test_resolve_task(tmp_path):

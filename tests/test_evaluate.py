@@ -1,7 +1,12 @@
-"""evaluate.py: harness-exact multiple choice (fast path and fallback), aggregation, MUSE metrics, CLI.
+"""evaluate.py: harness-exact multiple choice (fast path and fallback), aggregation, MUSE metrics, result tables,
+CLI; the log-likelihood machinery under it (loglik.py: lm-eval's encoding rules, token log-probs, generation) and
+the MUSE metrics (muse_eval.py); and bench-eval's flow (benches/eval_speed.py), which compares evaluate.py with
+the harness's HF path.
 
 Tiny random Llama models (model.py) with tokenizers trained here; the harness's way is recomputed independently
-(one full sequence per choice, lm-eval's context/continuation split, full log-softmax over every position)."""
+(one full sequence per choice, lm-eval's context/continuation split, full log-softmax over every position).
+The prompt itself (data.mc_prompt) is tested in test_data.py, Min-K% in test_losses.py."""
+import argparse
 import json
 import math
 import random
@@ -10,9 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-
-import evaluate as E  # noqa: E402
-from model import ModelConfig, Transformer, load_tokenizer  # noqa: E402
+import data
+import evaluate as E
+import loglik as LL
+import losses
+import muse_eval as MU
+from benches import eval_speed
+from infra import ProjectError
+from model import ModelConfig, Transformer, load, load_tokenizer
 
 WORDS = ("alpha beta gamma delta omega river stone cloud metal glass paper tiger eagle salmon maple cedar "
          "copper silver carbon sodium virus enzyme protein kernel socket packet cipher buffer router").split()
@@ -129,21 +139,23 @@ def harness_reference(model, tok, items, topic=None):
     return out
 
 
-def test_mc_prompt_is_lm_evals():
-    p = E.mc_prompt("  What is 2+2? \n", ["3", "4", "5", "6"], "college_biology")
-    assert p == ("The following are multiple choice questions (with answers) about college biology.\n\n"
-                 "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
-    assert E.mc_prompt("Q", list("abcd"), "biology").startswith(
-        "The following are multiple choice questions (with answers) about biology.\n\nQ\nA. a")
-    with pytest.raises(E.EvalError):
-        E.mc_prompt("Q", ["a", "b"], None)
+def test_prompt_and_errors_come_from_one_place():
+    """evaluate.py builds its contexts with data.mc_prompt (one definition, tested in test_data.py); its errors are
+    ProjectErrors, so every main() reports them the same way."""
+    assert E.mc_prompt is data.mc_prompt
+    assert E.mc_requests(_Chars(), [dict(question="Q", choices=list("abcd"), answer=0)], "biology")[0]["ctx"] == \
+        _Chars().encode(data.mc_prompt("Q", list("abcd"), "biology"))
+    assert issubclass(E.EvalError, ProjectError) and issubclass(MU.MuseError, ProjectError)
+
+
+class _Chars:
+    """A character tokenizer with BOS = 1."""
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if add_special_tokens else []) + [ord(c) for c in text]
 
 
 def test_encode_pair_moves_trailing_space():
-    class Chars:
-        def encode(self, text, add_special_tokens=True):
-            return [1] + [ord(c) for c in text]
-    ctx, cont = E.encode_pair(Chars(), "Answer: ", "A")
+    ctx, cont = LL.encode_pair(_Chars(), "Answer: ", "A")
     assert ctx == [1] + [ord(c) for c in "Answer:"] and cont == [ord(" "), ord("A")]
 
 
@@ -248,27 +260,27 @@ def test_argmax_first_like_numpy():
 
 
 def test_roc_auc():
-    assert E.roc_auc([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.75)
-    assert E.roc_auc([1, 2], [2, 3]) == pytest.approx(3.5 / 4)  # ties count one half
+    assert MU.roc_auc([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.75)
+    assert MU.roc_auc([1, 2], [2, 3]) == pytest.approx(3.5 / 4)  # ties count one half
     rng = random.Random(1)
     neg = [rng.randint(0, 9) for _ in range(40)]
     pos = [rng.randint(3, 12) for _ in range(31)]
     brute = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (40 * 31)
-    assert E.roc_auc(neg, pos) == pytest.approx(brute)
-    with pytest.raises(E.EvalError):
-        E.roc_auc([], [1.0])
+    assert MU.roc_auc(neg, pos) == pytest.approx(brute)
+    with pytest.raises(MU.MuseError, match="at least one score in each class"):
+        MU.roc_auc([], [1.0])
 
 
 # ----------------------------------------------------------------------------------------------- ROUGE-L
 
 def test_rouge_l_hand_values():
-    r = E.rouge_l("the cat sat on the mat", "the cat on the mat")
+    r = MU.rouge_l("the cat sat on the mat", "the cat on the mat")
     assert r["precision"] == 1.0 and r["recall"] == pytest.approx(5 / 6)
     assert r["fmeasure"] == pytest.approx(2 * (5 / 6) / (1 + 5 / 6))
-    assert E.rouge_l_f1("The Cat, sat!", "the cat sat") == 1.0           # lowercase, punctuation dropped
-    assert E.rouge_l_f1("police killed the gunman", "the gunman kills police") == pytest.approx(0.5)  # LCS 2
-    assert E.rouge_l_f1("", "anything") == 0.0 and E.rouge_l_f1("a b", "c d") == 0.0
-    assert E.rouge_tokenize("Café au-lait, 2024's") == ["caf", "au", "lait", "2024", "s"]  # no stemming
+    assert MU.rouge_l_f1("The Cat, sat!", "the cat sat") == 1.0           # lowercase, punctuation dropped
+    assert MU.rouge_l_f1("police killed the gunman", "the gunman kills police") == pytest.approx(0.5)  # LCS 2
+    assert MU.rouge_l_f1("", "anything") == 0.0 and MU.rouge_l_f1("a b", "c d") == 0.0
+    assert MU.rouge_tokenize("Café au-lait, 2024's") == ["caf", "au", "lait", "2024", "s"]  # no stemming
 
 
 def test_rouge_l_against_rouge_score_if_installed():
@@ -278,24 +290,19 @@ def test_rouge_l_against_rouge_score_if_installed():
     for _ in range(50):
         a = " ".join(rng.choice(WORDS + ["The", "cat,", "runs!"]) for _ in range(rng.randint(0, 15)))
         b = " ".join(rng.choice(WORDS + ["the", "Cat", "running"]) for _ in range(rng.randint(0, 15)))
-        assert E.rouge_l_f1(a, b) == pytest.approx(scorer.score(a, b)["rougeL"].fmeasure)
+        assert MU.rouge_l_f1(a, b) == pytest.approx(scorer.score(a, b)["rougeL"].fmeasure)
 
 
 def test_knowmem_prompt_and_cut():
     icl = [dict(question="Q1?", answer="A1"), dict(question="Q2?", answer="A2")]
-    assert E.knowmem_prompt("Q3?", icl) == "Question: Q1?\nAnswer: A1\n\nQuestion: Q2?\nAnswer: A2\n\nQuestion: Q3?\nAnswer: "
-    assert E.cut_answer("Paris\n\nQuestion: x") == "Paris"
-    assert E.cut_answer("Paris is big\nQuestion: y") == "Paris is big"
-    assert E.cut_answer("Paris Question: z") == "Paris "
+    assert MU.knowmem_prompt("Q3?", icl) == "Question: Q1?\nAnswer: A1\n\nQuestion: Q2?\nAnswer: A2\n\nQuestion: Q3?\nAnswer: "
+    assert MU.cut_answer("Paris\n\nQuestion: x") == "Paris"
+    assert MU.cut_answer("Paris is big\nQuestion: y") == "Paris is big"
+    assert MU.cut_answer("Paris Question: z") == "Paris "
 
 
 def test_clean_up_tokenization_like_transformers():
-    assert E.clean_up_tokenization("I do n't know , he 's here .") == "I don't know, he's here."
-
-
-def test_min_k():
-    assert E.min_k_score([-1.0, -5.0, -0.1, -3.0, -2.0]) == pytest.approx(4.0)  # int(0.4 * 5) = 2 lowest: -5, -3
-    assert E.min_k_score([-2.0]) == pytest.approx(2.0)  # at least one token
+    assert LL.clean_up_tokenization("I do n't know , he 's here .") == "I don't know, he's here."
 
 
 # ----------------------------------------------------------------------------------------------- text scoring
@@ -303,8 +310,8 @@ def test_min_k():
 def test_token_logprobs_and_perplexity(word_model):
     _, model, tok = word_model
     texts = ["alpha beta gamma delta", "river stone", "cloud metal glass paper tiger eagle salmon"]
-    lps = E.token_logprobs(model, tok, texts, batch_size=2)
-    by_tokens = E.token_logprobs(model, tok, texts, batch_tokens=12)  # one text per forward here
+    lps = LL.token_logprobs(model, tok, texts, batch_size=2)
+    by_tokens = LL.token_logprobs(model, tok, texts, batch_tokens=12)  # one text per forward here
     assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(by_tokens, lps))
     total, n = 0.0, 0
     for t, lp in zip(texts, lps):
@@ -314,14 +321,14 @@ def test_token_logprobs_and_perplexity(word_model):
         ref = [logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
         assert len(lp) == len(ref) and max(abs(a - b) for a, b in zip(lp, ref)) < 1e-4
         total, n = total + sum(ref), n + len(ref)
-    assert E.perplexity(model, tok, texts) == pytest.approx(math.exp(-total / n), rel=1e-4)
+    assert LL.perplexity(model, tok, texts) == pytest.approx(math.exp(-total / n), rel=1e-4)
 
 
 def test_generation_batched_equals_single(word_model):
     _, model, tok = word_model
     prompts = ["alpha beta", "river stone cloud metal glass", "copper"]
-    batched = E.generate_texts(model, tok, prompts, 6, batch_size=3)
-    single = [E.generate_texts(model, tok, [p], 6)[0] for p in prompts]
+    batched = LL.generate_texts(model, tok, prompts, 6, batch_size=3)
+    single = [LL.generate_texts(model, tok, [p], 6)[0] for p in prompts]
     assert batched == single
 
 
@@ -356,7 +363,10 @@ def test_evaluate_tasks_structure_and_limits(word_model, data_dir):
     s = out["samples"]["toy_general"]
     assert len(s) == 16 and len(s[0]["loglikelihoods"]) == 4 and s[0]["subject"] in MMLU_SUBJECTS
     assert r["toy_general"]["acc"] == pytest.approx(sum(x["acc"] for x in s) / 16)
-    assert r["toy_general"]["fast_path"] == 16 and out["throughput"]["toy_general"] > 0
+    assert r["toy_general"]["fast_path"] == 16
+    for t in ("toy_hazard", "toy_general"):  # questions/s of the task's own scoring time, inside the whole run's
+        assert out["throughput"][t] == r[t]["questions_per_s"] == pytest.approx(r[t]["n"] / r[t]["time_s"])
+        assert 0 < r[t]["time_s"] <= out["time_s"]
     # the harness's way on a whole task
     items = E.load_mc_task("toy_general", data_dir)[1]
     ref = harness_reference(model, tok, items)
@@ -380,7 +390,15 @@ def test_bad_inputs_one_line_errors(word_model, data_dir, tmp_path):
     assert "bad.jsonl" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:
         E.main(["--model", str(tmp_path / "nomodel"), "--data", str(data_dir), "--out", str(tmp_path / "r.json")])
-    assert "error:" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert str(e.value.code).startswith("error: --model") and "nomodel" in str(e.value.code)
+    assert "\n" not in str(e.value.code) and not (tmp_path / "r.json").exists()
+    path = word_model[0]
+    for argv, words in ((["--tasks", "nope"], "unknown task"), (["--device", "tpu"], "--device"),
+                        (["--tasks", "muse_news", "--data", str(tmp_path)], "missing MUSE directory")):
+        with pytest.raises(SystemExit) as e:
+            E.main(["--model", str(path), "--data", str(data_dir), "--out", str(tmp_path / "r.json"), *argv])
+        assert str(e.value.code).startswith("error:") and words in str(e.value.code), e.value.code
+        assert "\n" not in str(e.value.code) and not (tmp_path / "r.json").exists()
 
 
 def test_cli_writes_results_json(word_model, data_dir, tmp_path, capsys):
@@ -391,9 +409,56 @@ def test_cli_writes_results_json(word_model, data_dir, tmp_path, capsys):
     rec = json.loads(out.read_text())
     assert set(rec["results"]) == {"toy_hazard", "toy_general"}
     assert rec["dtype"] == "float32" and rec["model"] == str(path)
-    assert {"versions", "args", "started"} <= set(rec["run"]) and rec["throughput"]["toy_hazard"] > 0
-    assert "toy_general: acc" in capsys.readouterr().out
+    assert {"versions", "args", "started"} <= set(rec["run"]) and rec["run"]["args"]["tasks"] == "toy_hazard,toy_general"
+    assert rec["device"] == "cpu" and 0 < rec["load_s"]
+    for t, r in rec["results"].items():
+        assert rec["throughput"][t] == pytest.approx(r["n"] / r["time_s"])
+    printed = capsys.readouterr().out
+    acc = rec["results"]["toy_general"]["acc"]
+    assert f"toy_general: acc {acc:.4f}" in printed and f"wrote {out}" in printed
     assert not list(out.parent.glob(".*tmp*"))  # atomic write left nothing behind
+
+
+def test_run_returns_the_record_it_writes(word_model, data_dir, tmp_path):
+    path, model, tok = word_model
+    args = argparse.Namespace(model=str(path), data=str(data_dir), tasks="toy_hazard", out=str(tmp_path / "r.json"),
+                              batch_size=4, limit=3, no_progress=True, auc_retrain=None, bos=None, ll_dtype="model",
+                              batch_tokens=0, device="cpu", dtype="float32", overwrite=False, allow_nonfinite=False)
+    rec = E.run(args)
+    assert json.loads((tmp_path / "r.json").read_text())["results"] == json.loads(json.dumps(rec["results"]))
+    want = E.evaluate_tasks(model, tok, data_dir, ["toy_hazard"], batch_size=4, limit=3, progress=False)
+    assert [v for s in rec["samples"]["toy_hazard"] for v in s["loglikelihoods"]] == \
+        pytest.approx([v for s in want["samples"]["toy_hazard"] for v in s["loglikelihoods"]], abs=1e-5)
+    with pytest.raises(E.EvalError, match="not a directory"):
+        E.run(argparse.Namespace(**{**vars(args), "model": str(tmp_path / "none")}))
+
+
+# ----------------------------------------------------------------------------------------------- result tables
+
+def test_summarize_task_metrics_and_format_table():
+    res = {"results": {
+        "toy_hazard": dict(acc=0.25, acc_stderr=0.01, n=4, too_long=[], subjects=None),
+        "mmlu": dict(acc=0.5, acc_stderr=0.02, n=8, subjects={"anatomy": dict(acc=0.5, n=8)}),
+        "muse_news": dict(verbmem_f=55.5, knowmem_f=40.0, knowmem_r=30.25, privleak=-12.5, auc_forget_holdout=0.4,
+                          n_verbmem_f=4, flag=True)}}
+    summ = E.summarize(res)
+    assert "too_long" not in summ["toy_hazard"] and summ["mmlu"]["subjects"] == {"anatomy": dict(acc=0.5, n=8)}
+    m = E.task_metrics(summ)
+    assert m == {"toy_hazard": 0.25, "mmlu": 0.5, "muse_news/verbmem_f": 55.5, "muse_news/knowmem_f": 40.0,
+                 "muse_news/knowmem_r": 30.25, "muse_news/privleak": -12.5}
+    assert E.MUSE_COLUMNS == ("verbmem_f", "knowmem_f", "knowmem_r", "privleak")
+    assert E.task_metrics(None) == {} and E.task_metrics({"x": {"acc": None}}) == {}
+    after = {"toy_hazard": dict(acc=0.5), "mmlu": dict(acc=0.375),
+             "muse_news": dict(verbmem_f=1.0, knowmem_f=2.0, knowmem_r=3.0, privleak=4.0)}
+    table = E.format_table(summ, after, "rmu", 300, 12.4).splitlines()
+    assert len(table) == 4 and set(table[1]) == {"|", "-"}
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert cells[0] == ["model", "toy_hazard", "mmlu", "muse_news:verbmem_f", "muse_news:knowmem_f",
+                        "muse_news:knowmem_r", "muse_news:privleak", "steps", "time"]
+    assert cells[2] == ["base", "25.0", "50.0", "55.5", "40.0", "30.2", "-12.5", "-", "-"]  # accuracies x100
+    assert cells[3] == ["rmu", "50.0", "37.5", "1.0", "2.0", "3.0", "4.0", "300", "12s"]
+    assert len({len(line) for line in table}) == 1                                     # aligned columns
+    assert len(E.format_table(summ, None, "rmu", 0, 0).splitlines()) == 3
 
 
 def test_muse_metrics(word_model, data_dir):
@@ -402,19 +467,25 @@ def test_muse_metrics(word_model, data_dir):
     r = out["results"]["muse_news"]
     for k in ("verbmem_f", "knowmem_f", "knowmem_r"):
         assert 0.0 <= r[k] <= 100.0
-    assert r["n_verbmem_f"] == 4 and r["n_knowmem_f"] == 3 and r["auc_retrain"] == E.AUC_RETRAIN["muse_news"]
+    assert r["n_verbmem_f"] == 4 and r["n_knowmem_f"] == 3 and r["auc_retrain"] == MU.AUC_RETRAIN["muse_news"]
     f, h = out["samples"]["muse_news"]["privleak"]["mink_forget"], out["samples"]["muse_news"]["privleak"]["mink_holdout"]
-    assert r["auc_forget_holdout"] == pytest.approx(E.roc_auc([-x for x in f], [-x for x in h]))
+    # PrivLeak's Min-40% is losses.min_k_score of each text's token log-probs (the function test_losses.py checks)
+    pl = data.read_muse(data_dir / "muse" / "news", ["privleak_forget", "privleak_holdout"])
+    for scores, texts in ((f, pl["privleak_forget"]), (h, pl["privleak_holdout"])):
+        assert scores == pytest.approx([losses.min_k_score(lp, 0.4) for lp in LL.token_logprobs(model, tok, texts)],
+                                       rel=1e-5)
+    assert r["auc_forget_holdout"] == pytest.approx(MU.roc_auc([-x for x in f], [-x for x in h]))
     assert r["privleak"] == pytest.approx((r["auc_forget_holdout"] - r["auc_retrain"]) / r["auc_retrain"] * 100)
     # VerbMem by hand for one item: greedy 128 tokens vs the ground truth cut to 128 tokens
-    import data
     vm = data.read_muse(data_dir / "muse" / "news", ["verbmem_forget"])["verbmem_forget"][0]
     new = model.generate([tok.encode(vm["prompt"])], 128, tok.eos_token_id, tok.pad_token_id)[0]
-    f1 = E.rouge_l_f1(tok.decode(tok.encode(vm["gt"])[:128]), tok.decode(new))  # (no clean-up needed here)
+    f1 = MU.rouge_l_f1(tok.decode(tok.encode(vm["gt"])[:128]), tok.decode(new))  # (no clean-up needed here)
     assert out["samples"]["muse_news"]["verbmem_f"][0]["rougeL_f1"] == pytest.approx(f1)
-    with pytest.raises(E.EvalError):
+    with pytest.raises(E.EvalError, match="missing MUSE directory"):
         E.evaluate_tasks(model, tok, data_dir, ["muse_books"], progress=False)  # no such dir
 
+
+# ----------------------------------------------------------------------------------------------- bench-eval
 
 def test_bench_emulation_matches_ours_and_transformers(word_model):
     """The harness's HF path as bench-eval emulates it (grouped contexts, fp32 log-softmax over all positions),
@@ -423,7 +494,7 @@ def test_bench_emulation_matches_ours_and_transformers(word_model):
     path, model, tok = word_model
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     items = make_questions(10, 9, MMLU_SUBJECTS)
-    ref = E.harness_hf_loglikelihoods(hf, tok, items, batch_size=4)
+    ref = eval_speed.harness_hf_loglikelihoods(hf, tok, items, batch_size=4)
     ours = E.mc_loglikelihoods(model, tok, items, batch_size=3)
     assert [E.argmax_first(x) for x in ours] == [E.argmax_first(x) for x in ref]
     assert max(abs(a - b) for x, y in zip(ours, ref) for a, b in zip(x, y)) < 1e-4
@@ -444,28 +515,45 @@ def bos_in_post_processor(src, dst):
     return dst
 
 
+def bench_args(path, data_dir, tmp_path, **kw):
+    return argparse.Namespace(**{**dict(model=str(path), data=str(data_dir), tasks="toy_hazard,toy_general", limit=3,
+                                        batch_size=4, batch_tokens=300, dtype=None, bos=None, ll_dtype="model",
+                                        out=str(tmp_path / "r.json")), **kw})
+
+
+@pytest.mark.harness
 def test_bench_runs_end_to_end_on_cpu(word_model, data_dir, tmp_path):
     """bench-eval's whole flow (CPU here; the CLI insists on CUDA): ours vs the harness (lm_eval's HFLM itself
     when installed, as in the lock; else the emulation), same predictions and log-likelihoods."""
     pytest.importorskip("transformers")
     path = bos_in_post_processor(word_model[0], tmp_path / "model")
-    import argparse
-    args = argparse.Namespace(model=str(path), data=str(data_dir), tasks="toy_hazard,toy_general", limit=3,
-                              batch_size=4, batch_tokens=300, dtype=None, bos=None, ll_dtype="model",
-                              out=str(tmp_path / "r.json"))
-    rep = E.bench(args, device="cpu")
-    assert set(rep["tasks"]) == {"toy_hazard", "toy_general"}
-    for r in rep["tasks"].values():
+    rep = eval_speed.bench(bench_args(path, data_dir, tmp_path), device="cpu")
+    assert set(rep["tasks"]) == {"toy_hazard", "toy_general"} and rep["dtype"] == "float32"
+    model, tok = load(path, "cpu")
+    ours = E.evaluate_tasks(model, tok, data_dir, list(rep["tasks"]), limit=3, progress=False)["results"]
+    for name, r in rep["tasks"].items():
+        assert r["n"] == len(E.load_mc_task(name, data_dir, 3)[1]) == ours[name]["n"]   # MMLU-like: 3 per subject
         assert r["identical_predictions"] == r["n"] and r["acc_ours"] == r["acc_harness"]
-        assert r["max_abs_ll_diff"] < 1e-4 and r["ours_qps"] > 0 and r["harness_qps"] > 0
-    assert json.loads((tmp_path / "bench_eval.json").read_text())["tasks"]["toy_hazard"]["n"] == 3
+        assert r["max_abs_ll_diff"] < 1e-4 and r["acc_ours"] == ours[name]["acc"]
+        # the rates and the speedup are the measured times' (a consistency check, not a speed claim on a CPU)
+        assert r["ours_qps"] == pytest.approx(r["n"] / r["ours_s"])
+        assert r["harness_qps"] == pytest.approx(r["n"] / r["harness_s"])
+        assert r["speedup"] == pytest.approx(r["harness_s"] / r["ours_s"])
+    written = json.loads((tmp_path / "bench_eval.json").read_text())
+    assert written["tasks"] == json.loads(json.dumps(rep["tasks"])) and "versions" in written["run"]
 
 
-def test_bench_refuses_without_cuda(monkeypatch):
+def test_bench_refuses_without_cuda_or_tasks(monkeypatch, word_model, data_dir, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ProjectError, match="CUDA"):
+        eval_speed.bench(bench_args(word_model[0], data_dir, tmp_path))
     with pytest.raises(SystemExit) as e:
-        E.main(["--bench"])
-    assert "CUDA" in str(e.value.code)
+        eval_speed.main(["--model", str(word_model[0]), "--data", str(data_dir), "--out", str(tmp_path / "r.json")])
+    assert str(e.value.code).startswith("error: bench-eval needs a CUDA GPU") and "\n" not in str(e.value.code)
+    pytest.importorskip("transformers")
+    with pytest.raises(E.EvalError, match="at least one multiple-choice task"):
+        eval_speed.bench(bench_args(word_model[0], data_dir, tmp_path, tasks="muse_news"), device="cpu")
+    assert not (tmp_path / "bench_eval.json").exists()
 
 
 def test_bf16_log_likelihoods_rounded_like_the_harness(word_model):
@@ -484,5 +572,5 @@ def test_bf16_log_likelihoods_rounded_like_the_harness(word_model):
         for v, v32, c in zip(row, row32, ctx["conts"]):
             assert v == ref[c[0]].float().item()                                    # bit-identical
             assert abs(v - v32) <= 2 ** -7 * max(1.0, abs(v32)) and torch.tensor(v).to(torch.bfloat16).item() == v
-    with pytest.raises(E.EvalError):
+    with pytest.raises(ProjectError, match="ll_dtype"):
         E.mc_loglikelihoods(model, tok, items[:1], ll_dtype="float16")

@@ -1,5 +1,11 @@
 """Tests for lpkernels/: the Triton kernels (under TRITON_INTERPRET=1 on CPU) and the chunked PyTorch
-reference path, both against float64 PyTorch built from the full logits. GPU tests skip without CUDA."""
+reference path, both against float64 PyTorch built from the full logits; the kernel benchmark (benches/kernels.py)
+as a CPU smoke run. GPU tests skip without CUDA."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +18,7 @@ IGNORE = -100
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}   # max abs error relative to max |reference|
 CUDA = torch.cuda.is_available()
 BETA = 0.1
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(params=["triton", "reference"])
@@ -309,13 +316,40 @@ print("compiled")
 @pytest.mark.skipif(CUDA, reason="on a GPU machine the kernels are compiled and run by the GPU tests")
 def test_kernels_compile_for_sm90_without_gpu():
     # the interpreter accepts code the compiler rejects: compile the real kernels (TTIR -> cubin) for an
-    # H100 target in a subprocess without TRITON_INTERPRET; needs no GPU
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # H100 target in a subprocess without TRITON_INTERPRET; needs no GPU (about 5 s with an empty Triton cache)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the benchmark script (make bench)
+
+def test_kernel_bench_cpu_smoke_run(tmp_path):
+    """`python -m benches.kernels --cpu-smoke` (what `make bench` runs, at toy shapes on the CPU): every task and
+    implementation runs, the record is written, eager's log-probs agree with ours, and each ratio is its row's
+    time over the floor measured in the same run."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "benches.kernels", "--cpu-smoke", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads(out.read_text())
+    assert rec["bench"] == "benches/kernels.py" and rec["device"].startswith("cpu smoke run")
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == rec            # the last line printed is the record
+    rows = rec["results"]
+    assert {(x["task"], x["impl"]) for x in rows} >= {(t, i) for t in ("fwd", "tok_fb", "npo_fb")
+                                                       for i in ("floor", "ours", "eager")}
+    floor = {x["task"]: x["ms"] for x in rows if x["impl"] == "floor"}
+    for x in rows:
+        if x["impl"] in ("ours", "eager"):
+            assert "error" not in x, x
+            assert x["ratio"] == pytest.approx(x["ms"] / floor[x["task"]])
+    eager_fwd = [x for x in rows if x["task"] == "fwd" and x["impl"] == "eager"][0]
+    assert eager_fwd["max_abs_diff_vs_ours"] < 1e-2                        # bf16 log-probs, |logp| ~ log 300
+
+
+@pytest.mark.skipif(CUDA, reason="checks the no-GPU refusal")
+def test_kernel_bench_refuses_without_gpu():
+    from benches import kernels as bench_kernels
+    assert bench_kernels.main([]) == 2

@@ -1,7 +1,7 @@
-"""model.py against Hugging Face transformers (the test-only reference) on tiny random checkpoints."""
+"""model.py against Hugging Face transformers (the test-only reference) on tiny random checkpoints; loading,
+saving, bad checkpoints and the CLI on checkpoints of our own (those tests need no transformers)."""
 import gc
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -9,9 +9,13 @@ import torch
 
 import model as M
 from helpers import bpe_tokenizer
+from infra import ProjectError, atomic_write_json, atomic_write_lines
 from model import CheckpointError, ModelConfig, Transformer, load_tokenizer
 
-transformers = pytest.importorskip("transformers")
+
+def need_transformers():
+    """transformers, the reference: only the tests that compare with it skip without it."""
+    return pytest.importorskip("transformers", reason="transformers is the reference model.py is compared with")
 
 CONFIGS = {
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=301, hidden_size=64,
@@ -33,6 +37,7 @@ CONFIGS = {
 
 def make_hf_checkpoint(tmp_path, name, **save_kwargs):
     """A random HF model saved with transformers' own save_pretrained; returns (dir, hf_model)."""
+    transformers = need_transformers()
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(**{k: v for k, v in CONFIGS[name].items() if k != "architectures"})
     cfg.architectures = CONFIGS[name]["architectures"]
@@ -44,6 +49,17 @@ def make_hf_checkpoint(tmp_path, name, **save_kwargs):
     path = tmp_path / name
     hf.save_pretrained(path, **save_kwargs)
     return path, hf
+
+
+def make_checkpoint(tmp_path, name):
+    """A random checkpoint of the same config written by model.py itself (no transformers) -> (dir, model)."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig.from_hf(CONFIGS[name]))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.1 if "norm" in n else 0.05) + (1.0 if "norm" in n else 0.0))
+    path = m.save_pretrained(tmp_path / name)
+    return path, Transformer.from_pretrained(path)
 
 
 def max_rel_err(a, b):
@@ -74,8 +90,7 @@ def test_logits_match_transformers(tmp_path, name):
 
 @pytest.mark.parametrize("name", ["llama", "llama3_gqa_tied"])
 def test_padding_left_and_right(tmp_path, name):
-    path, _ = make_hf_checkpoint(tmp_path, name)
-    ours = Transformer.from_pretrained(path)
+    _, ours = make_checkpoint(tmp_path, name)
     V = CONFIGS[name]["vocab_size"]
     seqs = [torch.randint(0, V, (n,)) for n in (11, 5, 8)]
     T = 11
@@ -100,7 +115,7 @@ def test_save_roundtrip_loads_in_transformers(tmp_path):
     out = ours.save_pretrained(tmp_path / "saved")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert not list(tmp_path.glob(".saved.tmp*"))
-    back = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    back = need_transformers().AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     ids = torch.randint(0, 257, (2, 9))
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, hf(ids).logits, atol=1e-6, rtol=0)
@@ -118,14 +133,16 @@ def test_sharded_checkpoint_loads_and_saves(tmp_path):
     out = ours.save_pretrained(tmp_path / "resharded", max_shard_bytes=60_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
-    back = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    back = need_transformers().AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         assert torch.allclose(back(ids).logits, ref, atol=1e-6, rtol=0)
 
 
 def test_loading_holds_at_most_one_shard_beyond_the_model(tmp_path, monkeypatch):
     """A 7B checkpoint must never exist twice in memory: measure live CPU tensor bytes after every shard."""
-    path, _ = make_hf_checkpoint(tmp_path, "mistral", max_shard_size="100KB")
+    _, m = make_checkpoint(tmp_path, "mistral")
+    path = m.save_pretrained(tmp_path / "sharded", max_shard_bytes=100_000)
+    assert len(list(path.glob("*.safetensors"))) >= 3
     shard_bytes = max(p.stat().st_size for p in path.glob("*.safetensors"))
     model_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
@@ -155,8 +172,7 @@ def test_loading_holds_at_most_one_shard_beyond_the_model(tmp_path, monkeypatch)
 
 
 def test_save_refuses_input_directory_and_is_atomic(tmp_path, monkeypatch):
-    path, _ = make_hf_checkpoint(tmp_path, "llama")
-    ours = Transformer.from_pretrained(path)
+    path, ours = make_checkpoint(tmp_path, "llama")
     with pytest.raises(CheckpointError, match="input model directory"):
         ours.save_pretrained(path)
     with pytest.raises(CheckpointError, match="input model directory"):
@@ -172,11 +188,11 @@ def test_save_refuses_input_directory_and_is_atomic(tmp_path, monkeypatch):
         ours.save_pretrained(out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert issubclass(CheckpointError, ProjectError)
 
 
 def test_kv_cache_generation_equals_uncached_greedy(tmp_path):
-    path, _ = make_hf_checkpoint(tmp_path, "llama3_gqa_tied")
-    ours = Transformer.from_pretrained(path)
+    _, ours = make_checkpoint(tmp_path, "llama3_gqa_tied")
     prompts = [[5, 9, 3, 200, 17, 8], [7, 1], [100, 101, 102]]
     got = ours.generate(prompts, max_new_tokens=10)
     with torch.no_grad():
@@ -209,7 +225,7 @@ def train_tokenizer(path: Path, config: dict, bos_in_tokenizer_json: bool = True
 def test_tokenizer_matches_transformers(tmp_path, config):
     train_tokenizer(tmp_path, config)
     ours = load_tokenizer(tmp_path)
-    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ref = need_transformers().AutoTokenizer.from_pretrained(tmp_path)
     texts = ["The quick brown fox.", "Answer: B", " hello", ""]
     for t in texts:
         assert ours.encode(t) == ref(t)["input_ids"], (t, config)
@@ -256,7 +272,7 @@ def test_bad_input_errors_name_the_file(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"config\.json: missing"):
         Transformer.from_pretrained(tmp_path / "empty")
-    path, _ = make_hf_checkpoint(tmp_path, "llama")
+    path, _ = make_checkpoint(tmp_path, "llama")
     cfg = json.loads((path / "config.json").read_text())
 
     bad = tmp_path / "gpt2"
@@ -300,25 +316,66 @@ def test_bad_input_errors_name_the_file(tmp_path):
         load_tokenizer(path)
 
 
-def test_cli_smoke(tmp_path):
-    path, _ = make_hf_checkpoint(tmp_path, "llama")
+def test_load_resolves_device_and_dtype(tmp_path):
+    path, ours = make_checkpoint(tmp_path, "llama")
     train_tokenizer(path, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    model, tok = M.load(path, "cpu")
+    assert not model.training and model.lm_head_weight.dtype == torch.float32      # fp32 on a CPU
+    assert model.lm_head_weight.device.type == "cpu" and tok.encode("hello")[0] == tok.bos_token_id == 0
+    ids = torch.tensor([tok.encode("hello world")])
+    with torch.no_grad():
+        assert torch.equal(model(ids), ours(ids))
+    bf, _ = M.load(path, "cpu", "bfloat16")
+    assert bf.lm_head_weight.dtype == torch.bfloat16
+    assert M.load(path, torch.device("cpu"), torch.float16)[0].lm_head_weight.dtype == torch.float16
+    with pytest.raises(ProjectError, match="--dtype 'float8'"):
+        M.load(path, "cpu", "float8")
+    with pytest.raises(ProjectError, match="--device 'tpu'"):
+        M.load(path, "tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ProjectError, match="no CUDA GPU"):
+            M.load(path, "cuda")
+    with pytest.raises(CheckpointError, match="nope: model directory does not exist"):
+        M.load(tmp_path / "nope", "cpu")
+
+
+def test_cli_smoke(tmp_path, capsys, monkeypatch):
+    path, ours = make_checkpoint(tmp_path, "llama")
+    train_tokenizer(path, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+    M.main(["--model", str(path), "--prompt", "hello", "--max-new-tokens", "5", "--device", "cpu"])
+    out = capsys.readouterr().out.splitlines()
+    tok = load_tokenizer(path)
+    new = ours.generate([tok.encode("hello")], 5, tok.eos_token_id, tok.pad_token_id)[0]
+    assert out[0].startswith(f"loaded {path}") and "torch.float32" in out[0]
+    assert out[1] == "hello" + tok.decode(new) and out[2].startswith(f"{len(new)} tokens in")
+    for argv, words in (([], "nope"), (["--device", "tpu"], "--device"), (["--max-new-tokens", "0"], "--max-new-tokens")):
+        with pytest.raises(SystemExit) as e:
+            M.main(["--model", str(tmp_path / "nope" if not argv else path), *argv])
+        assert str(e.value.code).startswith("error:") and words in str(e.value.code) and "\n" not in str(e.value.code)
+    # Ctrl-C: one line, exit status 130 (infra.cli_main)
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(M, "smoke_test", interrupted)
+    with pytest.raises(SystemExit) as e:
+        M.main(["--model", str(path)])
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    # as a script, from any directory
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "model.py"), "--model", str(path), "--prompt", "hello",
-                        "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(root)})
+                        "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stdout
     r = subprocess.run([sys.executable, str(root / "model.py"), "--model", str(tmp_path / "nope")],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.strip().startswith("error:") and "nope" in r.stderr
 
 
 def test_atomic_write_lines_keeps_earlier_file_on_interrupt(tmp_path):
+    """infra's atomic writes (every output of every script, model.py's config and run records included)."""
     path = tmp_path / "out" / "rows.jsonl"
-    assert M.atomic_write_lines(path, iter(["a", "b"])) == 2  # creates the folder, streams an iterator
+    assert atomic_write_lines(path, iter(["a", "b"])) == 2  # creates the folder, streams an iterator
     assert path.read_text() == "a\nb\n"
 
     def interrupted():
@@ -326,8 +383,8 @@ def test_atomic_write_lines_keeps_earlier_file_on_interrupt(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        M.atomic_write_lines(path, interrupted())
+        atomic_write_lines(path, interrupted())
     assert path.read_text() == "a\nb\n"
     assert sorted(p.name for p in path.parent.iterdir()) == ["rows.jsonl"]
-    M.atomic_write_json(path.with_name("r.json"), {"x": 1})
+    atomic_write_json(path.with_name("r.json"), {"x": 1})
     assert path.with_name("r.json").read_text() == '{\n  "x": 1\n}\n'

@@ -1,4 +1,5 @@
-"""The embedded default (data/toy/, built by data/make_toy.py): generator, question files, shipped model."""
+"""The embedded default (data/toy/, built by make_toy.py): generator, question files, shipped model."""
+import argparse
 import hashlib
 import json
 import os
@@ -7,9 +8,11 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = os.path.join(ROOT, "data", "toy")
-from data import make_toy  # noqa: E402
+import make_toy
+from infra import ROOT as _ROOT, TOY_DIR
+
+ROOT = str(_ROOT)
+TOY = str(TOY_DIR)
 
 FILES = ["forget_corpus.jsonl", "retain_corpus.jsonl", "toy_hazard.jsonl", "toy_general.jsonl"]
 
@@ -33,7 +36,7 @@ def test_generator_deterministic(tmp_path):
 
 def test_cli_data_only_matches_function(tmp_path):
     out = tmp_path / "cli"
-    subprocess.run([sys.executable, "-m", "data.make_toy", "--data-only", "--scale", "0.2", "--out", str(out)],
+    subprocess.run([sys.executable, "make_toy.py", "--data-only", "--scale", "0.2", "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True)
     make_toy.write_data(str(tmp_path / "fn"), seed=0, scale=0.2)
     assert _digests(out) == _digests(tmp_path / "fn")
@@ -89,22 +92,43 @@ def test_toy_size_limit():
     assert total <= 25 * 2 ** 20, f"data/toy is {total / 2 ** 20:.1f} MB"
 
 
-def test_shipped_model_reproduces_recorded_accuracy():
-    pytest.importorskip("torch")
+@pytest.fixture(scope="module")
+def shipped_accuracy():
+    """The shipped model's accuracy, computed now with evaluate.py's lm-eval scoring."""
     from model import Transformer
     mdir = os.path.join(TOY, "model")
-    rec = json.load(open(os.path.join(mdir, "accuracy.json")))
     model = Transformer.from_pretrained(mdir)
     assert model.config.num_hidden_layers >= 8
-    acc = make_toy.toy_accuracy(model, mdir, TOY)  # evaluate.py's lm-eval scoring
-    assert acc == {"hazard": rec["hazard_acc"], "general": rec["general_acc"]}
+    return make_toy.toy_accuracy(model, mdir, TOY)
 
 
-def test_shipped_model_meets_issue_targets():
-    """Base model >= 70% on both domains; the same recipe without the forget corpus is near chance on hazard."""
+def test_shipped_model_reproduces_recorded_accuracy(shipped_accuracy):
     rec = json.load(open(os.path.join(TOY, "model", "accuracy.json")))
-    assert rec["hazard_acc"] >= 0.70 and rec["general_acc"] >= 0.70
-    assert rec["no_forget"]["hazard_acc"] <= 0.35 and rec["no_forget"]["general_acc"] >= 0.70
+    assert shipped_accuracy == {"hazard": rec["hazard_acc"], "general": rec["general_acc"]}
+
+
+def test_shipped_model_meets_issue_targets(shipped_accuracy):
+    """The base model, measured (not read back from accuracy.json): >= 70% on both domains."""
+    assert shipped_accuracy["hazard"] >= 0.70 and shipped_accuracy["general"] >= 0.70
+
+
+@pytest.mark.slow
+def test_same_recipe_without_forget_corpus_is_near_chance_on_hazard():
+    """The control of the issue's target, trained now (make_toy's recipe, its 1000 steps, on the retain corpus and
+    the general quiz only, with the shipped tokenizer): hazard near chance, general still learned. 10-16 min on 2 cores."""
+    from tokenizers import Tokenizer
+    args = argparse.Namespace(**make_toy.DEFAULTS, eval_every=0, eval_fn=None)
+    _, _, retain, _, gq = make_toy.make_benchmark(args.seed, args.scale)
+    mdir = os.path.join(TOY, "model")
+    tok = Tokenizer.from_file(os.path.join(mdir, "tokenizer.json"))
+    quiz = [(make_toy.mc_prompt(q["question"], q["choices"], q["subject"]), " " + make_toy.LETTERS[q["answer"]])
+            for q in gq]
+    import torch
+    torch.set_num_threads(args.threads)
+    control, _, _ = make_toy.train_model(args, quiz, retain, lambda t: tok.encode(t).ids,
+                                         make_toy.model_config(args, tok.get_vocab_size()), log=lambda *a, **k: None)
+    acc = make_toy.toy_accuracy(control, mdir, TOY)
+    assert acc["hazard"] <= 0.35 and acc["general"] >= 0.70, acc
 
 
 def test_tokenizer_letters_are_single_tokens():

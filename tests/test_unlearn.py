@@ -13,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import unlearn as U
+import coreset
 import helpers
-from helpers import bpe_tokenizer
+import losses
+import methods
+import unlearn as U
 from model import ModelConfig, Transformer, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +29,6 @@ def reference_kernels(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # kernels' fast chunked PyTorch path on CPU
 
 
-def make_tokenizer(path: Path):
-    return bpe_tokenizer(path, [" ".join(WORDS)] * 20, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
-
-
 def write_corpus(path, n, seed, lo=3, hi=30):
     return helpers.write_corpus(path, n, seed, WORDS, lo, hi)
 
@@ -39,16 +37,10 @@ def write_corpus(path, n, seed, lo=3, hi=30):
 def tiny(tmp_path_factory):
     """A 4-layer random Llama (GQA) with a byte-level BPE tokenizer, two forget corpora and a retain corpus."""
     root = tmp_path_factory.mktemp("tiny")
-    V = make_tokenizer(root / "tok")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=8, bos_token_id=0, eos_token_id=1)
-    m = Transformer(cfg)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    m.save_pretrained(root / "model", tokenizer_dir=root / "tok")
+    helpers.tiny_llama(root, WORDS, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}, init=lambda m: [
+        p.add_(0.1 * torch.randn_like(p)) for n, p in m.named_parameters() if "norm" in n], hidden_size=32,
+        intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        bos_token_id=0, eos_token_id=1)
     return dict(root=root, model=str(root / "model"), forget=write_corpus(root / "forget_a.jsonl", 30, 1),
                 forget2=write_corpus(root / "forget_b.jsonl", 11, 2), retain=write_corpus(root / "retain.jsonl", 40, 3))
 
@@ -58,7 +50,7 @@ def args_for(tiny, out, *extra, method="rmu"):
             "--out", str(out), "--no-progress", "--eval-tasks", "none", "--seed", "0"]
     if method == "rmu":
         base += ["--layer-id", "2", "--layer-ids", "1,2"]
-    return U.build_parser().parse_args(base + list(extra))
+    return methods.resolve(U.overrides_from_argv(base + list(extra)))
 
 
 def load_state(path):
@@ -155,7 +147,7 @@ def test_shared_trunk_equals_two_full_models(tiny, layer_ids, masked):
         p.requires_grad_(True)
     c = 4.0 * torch.ones(1, 1, 32) / math.sqrt(32)
     r_h = rmu.trunk(ri, rm)
-    fc, rc = (U.content_positions(fi, fm, tok.bos_token_id), U.content_positions(ri, rm, tok.bos_token_id)) \
+    fc, rc = (losses.content_positions(fi, fm, tok.bos_token_id), losses.content_positions(ri, rm, tok.bos_token_id)) \
         if masked else (None, None)
     loss, lf, lr_ = rmu.loss(rmu.trunk(fi, fm), fm, c, r_h, rm, rmu.frozen_acts(r_h, rm), 7.0, fc, rc)
     g_ours = torch.autograd.grad(loss, list(train.values()))
@@ -194,11 +186,10 @@ def test_activation_cache_does_not_change_the_run(tiny, tmp_path):
 def test_reference_step_count_and_topics(tiny, tmp_path):
     """Default steps: min(max_num_batches, batches of the smallest full forget file, of the retain file), even with a
     small coreset (which is then cycled); two forget files alternate."""
-    ns = args_for(tiny, tmp_path / "o", "--ratio", "0.2", "--no-save", "--batch-size", "2",
-                  "--max-num-batches", "100")
-    ns.forget = f"{tiny['forget']},{tiny['forget2']}"
-    ns.retain = f"{tiny['retain']},{tiny['retain']}"  # as the reference's wikitext,wikitext: one corpus, shared
-    rec = U.run(ns)
+    rec = U.run(args_for(tiny, tmp_path / "o", "--ratio", "0.2", "--no-save", "--batch-size", "2",
+                         "--max-num-batches", "100", "--forget", f"{tiny['forget']},{tiny['forget2']}",
+                         # as the reference's wikitext,wikitext: one corpus, shared
+                         "--retain", f"{tiny['retain']},{tiny['retain']}"))
     assert rec["steps"] == min(100, math.ceil(11 / 2), math.ceil(40 / 2)) == 6
     assert rec["coreset"]["n_selected"] == [6, 2]
     # steps (topic, k): (0,0) (1,0) (0,1) (1,1) (0,2) (1,2); topic 1 has one coreset batch, cycled (2 reuses); each
@@ -213,12 +204,12 @@ def test_npo_simnpo_graddiff_losses_equal_formulas():
     ref = torch.tensor([-10.0, -4.0, -41.0])
     beta = 0.1
     want = torch.tensor([-(2 / beta) * math.log(1 / (1 + math.exp(beta * (a - b)))) for a, b in zip(lp.tolist(), ref.tolist())])
-    assert torch.allclose(U.npo_loss_fn(beta)(lp, ref), want, rtol=1e-6)
-    assert U.npo_loss_fn(beta)(ref, ref).tolist() == pytest.approx([2 / beta * math.log(2)] * 3)
+    assert torch.allclose(losses.npo_loss(lp, ref, beta), want, rtol=1e-6)
+    assert losses.npo_loss(ref, ref, beta).tolist() == pytest.approx([2 / beta * math.log(2)] * 3)
     n = torch.tensor([4.0, 2.0, 10.0])
     delta = 0.5
     want = torch.tensor([-(2 / beta) * math.log(1 / (1 + math.exp(beta * a / k + delta))) for a, k in zip(lp.tolist(), n.tolist())])
-    assert torch.allclose(U.simnpo_loss_fn(beta, delta)(lp / n), want, rtol=1e-6)
+    assert torch.allclose(losses.simnpo_loss(lp / n, beta, delta), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("method,mean_tokens", [("npo", False), ("npo", True), ("simnpo", True), ("graddiff", False)])
@@ -229,7 +220,9 @@ def test_forget_losses_through_kernels_equal_full_logits(tiny, method, mean_toke
     model = Transformer.from_pretrained(tiny["model"])
     beta, delta = 0.1, 0.3
     ref = torch.tensor([-50.0, -20.0, -35.0, -60.0]) / (10 if mean_tokens else 1)
-    got = U.forget_loss(method, model, ids, mask, beta, delta, mean_tokens, ref)
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(method=method, beta=beta, delta=delta, npo_mean_tokens=mean_tokens)
+    got = U.forget_loss(cfg, model, ids, mask, ref)
     got.backward()
     g_ours = model.lm_head.weight.grad.clone()
     model.zero_grad()
@@ -267,7 +260,7 @@ def test_cached_reference_logps_equal_live(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["--retain-loss", "kl", "--grad-accum", "2"],
-                                   ["--npo-mean-tokens", "--fp32-optimizer-state", "--dtype", "bfloat16"]])
+                                   ["--no-npo-mean-tokens", "--fp32-optimizer-state", "--dtype", "bfloat16"]])
 def test_npo_options_run(tiny, tmp_path, extra):
     rec = U.run(args_for(tiny, tmp_path / "o", "--steps", "2", "--lr", "1e-3", "--no-save", "--ratio", "0.5",
                          *extra, method="npo"))
@@ -280,17 +273,17 @@ def test_kl_equals_full_kl():
     g = torch.Generator().manual_seed(0)
     h, hr = torch.randn(10, 8, generator=g, requires_grad=True), torch.randn(10, 8, generator=g)
     W, Wr = torch.randn(13, 8, generator=g), torch.randn(13, 8, generator=g)
-    got = U.kl_ref_current(h, W, hr, Wr, chunk=3)
+    got = losses.kl_ref_current(h, W, hr, Wr, chunk=3)
     want = F.kl_div(torch.log_softmax(h @ W.T, -1), torch.log_softmax(hr @ Wr.T, -1), log_target=True,
                     reduction="batchmean")
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_adamw_matches_torch_and_fp32_master():
+def test_hf_adamw_matches_torch_and_fp32_master():
     g = torch.Generator().manual_seed(0)
     p1 = torch.nn.Parameter(torch.randn(5, 4, generator=g))
     p2 = torch.nn.Parameter(p1.detach().clone())
-    o1 = U.AdamW([p1], lr=1e-2, eps=1e-8, weight_decay=0.1)
+    o1 = methods.HFAdamW([p1], lr=1e-2, eps=1e-8, weight_decay=0.1)
     o2 = torch.optim.AdamW([p2], lr=1e-2, eps=1e-8, weight_decay=0.1)
     for _ in range(3):
         grad = torch.randn(5, 4, generator=g)
@@ -301,7 +294,7 @@ def test_adamw_matches_torch_and_fp32_master():
     # bf16 weights: tiny updates vanish without fp32 master weights, accumulate with them
     w = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
     wm = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
-    o, om = U.AdamW([w], lr=1e-4), U.AdamW([wm], lr=1e-4, fp32_state=True)
+    o, om = methods.HFAdamW([w], lr=1e-4), methods.HFAdamW([wm], lr=1e-4, fp32_state=True)
     for _ in range(40):
         w.grad = torch.ones_like(w)
         wm.grad = torch.ones_like(wm)
@@ -311,34 +304,44 @@ def test_adamw_matches_torch_and_fp32_master():
     assert om.state[wm]["exp_avg"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("extra,own", [([], False), (["--hf-adam-eps"], True),
+                                       (["--fp32-optimizer-state", "--dtype", "bfloat16"], True),
+                                       (["--fp32-optimizer-state"], False)])
+def test_optimizer_is_torch_adamw_unless_a_run_needs_more(tiny, tmp_path, extra, own):
+    """torch.optim.AdamW (foreach on CPU, fused on CUDA) unless the run needs the transformers-style eps or fp32
+    master weights for low-precision parameters."""
+    cfg = args_for(tiny, tmp_path / "o", *extra, method="npo")
+    model = Transformer.from_pretrained(tiny["model"], dtype=getattr(torch, cfg.dtype or "float32"))
+    _, opt = U.build(cfg, model)
+    assert isinstance(opt, methods.HFAdamW) == own and (own or type(opt) is torch.optim.AdamW)
+
+
 def test_lr_schedule():
-    assert [U.lr_at(s, 10, 1.0, 0.2, "linear") for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
-    assert U.lr_at(9, 10, 1.0, 0.2, "linear") == pytest.approx(1 - 7 / 8)
-    assert U.lr_at(5, 10, 2.0, 0, "constant") == 2.0
+    assert [methods.lr_at(s, 10, 1.0, 0.2, "linear") for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert methods.lr_at(9, 10, 1.0, 0.2, "linear") == pytest.approx(1 - 7 / 8)
+    assert methods.lr_at(5, 10, 2.0, 0, "constant") == 2.0
+    assert methods.lr_at(2, 10, 1.0, 2, "cosine", 0.1) == pytest.approx(1.0)   # first step after warmup
+    assert methods.lr_at(10, 10, 1.0, 2, "cosine", 0.1) == pytest.approx(0.1)  # the floor at the end
 
 
 # ----------------------------------------------------------------------------------------------- coreset
 
-def test_random_subset_semantics():
-    a = U.random_subset(100, 0.05, seed=0)
-    assert len(a) == 5 and a == sorted(a) and a == U.random_subset(100, 0.05, seed=0)
-    assert a != U.random_subset(100, 0.05, seed=1) and a != U.random_subset(100, 0.05, seed=0, topic=1)
-    assert len(U.random_subset(100, 7, seed=0)) == 7          # above 1: a count
-    assert U.random_subset(100, 1.0, seed=0) == list(range(100))
-    assert len(U.random_subset(10, 0.01, seed=0)) == 1        # at least one document
-    assert U.random_subset(10, 20, seed=0) == list(range(10))  # a count above the file size: the whole file
-    try:  # the same draw as coreset.py --method random
-        import coreset
-    except ImportError:
-        return
-    assert coreset.random_indices(100, 5, 0, 1).tolist() == U.random_subset(100, 0.05, seed=0, topic=1)
+def test_ratio_draws_the_same_documents_as_coreset_random(tiny, tmp_path):
+    """--ratio inside unlearn.py and `coreset.py --method random` are one draw (coreset.random_indices)."""
+    cfg = args_for(tiny, tmp_path / "o", "--ratio", "0.2", "--seed", "3",
+                   "--forget", f"{tiny['forget']},{tiny['forget2']}")
+    from data import read_corpus
+    sel = U.select(cfg, [read_corpus(tiny["forget"]), read_corpus(tiny["forget2"])])
+    rec = coreset.select(coreset.SelectConfig(method="random", forget=f"{tiny['forget']},{tiny['forget2']}",
+                                              ratio=0.2, seed=3, out=str(tmp_path / "cs.jsonl"), progress=False))
+    assert sel == coreset.read_coreset(rec["coreset"], cfg.forget, [30, 11]) and [len(x) for x in sel] == [6, 2]
 
 
 def test_schedule_cycles_and_interleaves():
-    plan = U.schedule(7, 1, 2, [1, 3], [4])
+    plan = U.schedule(7, 1, 2, [1, 3], [4], [0, 0])
     assert [m[0] for m in plan] == [(0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 1), (0, 0, 0, 2),
                                     (1, 2, 0, 2), (0, 0, 0, 3)]
-    plan = U.schedule(2, 3, 1, [2], [5, 5])
+    plan = U.schedule(2, 3, 1, [2], [5, 5], [0])
     assert [len(m) for m in plan] == [3, 3] and [x[1] for m in plan for x in m] == [0, 1, 0, 1, 0, 1]
 
 
@@ -347,20 +350,19 @@ def test_coreset_file(tiny, tmp_path):
     cs.write_text("\n".join(json.dumps(x) for x in [
         {"file": tiny["forget"], "index": 7, "score": 0.5}, {"file": tiny["forget"], "index": 2, "score": None},
         {"file": tiny["forget2"], "index": 10, "score": 1}]) + "\n")
-    assert U.read_coreset(cs, [tiny["forget"], tiny["forget2"]], [30, 11]) == [[2, 7], [10]]
-    ns = args_for(tiny, tmp_path / "o", "--coreset", str(cs), "--steps", "5", "--no-save", "--batch-size", "2")
-    ns.forget = f"{tiny['forget']},{tiny['forget2']}"
-    rec = U.run(ns)
+    assert coreset.read_coreset(cs, [tiny["forget"], tiny["forget2"]], [30, 11]) == [[2, 7], [10]]
+    rec = U.run(args_for(tiny, tmp_path / "o", "--coreset", str(cs), "--steps", "5", "--no-save", "--batch-size", "2",
+                         "--forget", f"{tiny['forget']},{tiny['forget2']}"))
     assert rec["coreset"]["indices"] == [[2, 7], [10]] and rec["coreset"]["source"] == str(cs)
-    with pytest.raises(U.UnlearnError, match="is not one of --forget"):  # a file the run does not use
-        U.read_coreset(cs, [tiny["forget"]], [30])
+    with pytest.raises(coreset.CoresetError, match="is not one of --forget"):  # a file the run does not use
+        coreset.read_coreset(cs, [tiny["forget"]], [30])
 
 
 @pytest.mark.parametrize("lines,msg", [
     (['{"file": "F", "index": 99, "score": null}'], "out of range"),
     (['{"file": "nope.jsonl", "index": 1, "score": null}'], "is not one of --forget"),
     (['{"file": "F", "index": "1"}'], "expected {"),
-    (["not json"], "expected a JSON object"),
+    (["not json"], "expected one JSON object"),
     (['{"file": "F", "index": 1, "score": null}', '{"file": "F", "index": 1, "score": 2.0}'], "duplicate index 1"),
     (['{"file": "F", "index": 1, "score": "high"}'], "'score'"),
     ([""], "selects no document"),
@@ -368,23 +370,37 @@ def test_coreset_file(tiny, tmp_path):
 def test_bad_coreset_lines(tiny, tmp_path, lines, msg):
     cs = tmp_path / "cs.jsonl"
     cs.write_text("\n".join(l.replace('"F"', json.dumps(tiny["forget"])) for l in lines) + "\n")
-    with pytest.raises(U.UnlearnError, match=msg):
-        U.read_coreset(cs, [tiny["forget"]], [30])
+    with pytest.raises((coreset.CoresetError, coreset.data.DataError), match=msg):
+        coreset.read_coreset(cs, [tiny["forget"]], [30])
 
 
 # ----------------------------------------------------------------------------------------------- failures
 
 def test_nan_loss_stops_without_outputs(tiny, tmp_path):
-    with pytest.raises(U.UnlearnError, match=r"step 0: loss is (inf|nan).*no checkpoint"):
-        U.run(args_for(tiny, tmp_path / "o", "--steps", "3", "--steering-coeffs", "inf"))
+    with pytest.raises(U.UnlearnError, match=r"step 1: loss is (inf|nan).*no checkpoint"):
+        U.run(args_for(tiny, tmp_path / "o", "--steps", "3", "--lr", "1e30"))
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["npo", "graddiff", "simnpo"])
+def test_non_finite_weights_stop_without_checkpoint(tiny, tmp_path, method):
+    """The issue's case: a huge lr leaves every trained tensor non-finite while the last loss was finite."""
+    with pytest.raises(U.UnlearnError, match=r"non-finite (weights|loss)|loss is (inf|nan)") as e:
+        U.run(args_for(tiny, tmp_path / "o", "--steps", "2", "--lr", "1e6", "--max-grad-norm", "0", method=method))
+    assert "no checkpoint" in str(e.value) and not (tmp_path / "o").exists()
+
+
+def test_weight_check_names_the_tensor_and_step():
+    w = {"a.weight": torch.ones(3), "b.weight": torch.tensor([1.0, float("nan")])}
+    with pytest.raises(U.UnlearnError, match=r"^b\.weight: non-finite weights after step 4"):
+        U.check_weights_finite(w, 5)
 
 
 @pytest.mark.parametrize("argv,msg", [
     (["--forget", "/nonexistent/forget.jsonl"], "missing /nonexistent/forget.jsonl"),
     (["--coreset", "/nonexistent/cs.jsonl"], "--coreset: missing file"),
-    (["--ratio", "0"], "--ratio: expected"),
-    (["--ratio", "-0.5"], "--ratio: expected"),
+    (["--ratio", "0"], "--ratio 0.0: expected"),
+    (["--ratio", "-0.5"], "--ratio -0.5: expected"),
     (["--ratio", "2.5"], "whole number"),
     (["--method", "ga"], "--method: unknown method 'ga'"),
     (["--layer-ids", "1,3"], "--layer-ids"),
@@ -399,19 +415,21 @@ def test_bad_inputs_give_one_line_errors(tiny, tmp_path, argv, msg):
 
 
 def test_bench_designs_agree_on_cpu():
+    """benches/unlearn_step.py's two designs train the same: the reference (two full models) and ours."""
+    from benches.unlearn_step import bench_rmu
     cfg = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8)
     for paired in (False, True):
-        res = U.bench_rmu(cfg, "cpu", torch.float32, steps=3, warmup=1, batch=2, seq=8, layer_id=3,
-                          layer_ids=(1, 2, 3), paired=paired)
+        res = bench_rmu(cfg, "cpu", torch.float32, steps=3, warmup=1, batch=2, seq=8, layer_id=3,
+                        layer_ids=(1, 2, 3), paired=paired)
         assert res["ours"]["losses"] == pytest.approx(res["reference"]["losses"], rel=1e-4)  # same training
-        assert res["speedup"] > 0
+        assert abs(res["speedup"] - res["reference"]["ms_per_step"] / res["ours"]["ms_per_step"]) <= 0.0051  # round(, 2)
 
 
 def test_bench_without_cuda_is_one_line():
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
-    r = subprocess.run([sys.executable, "unlearn.py", "--bench"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "benches.unlearn_step"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "needs a CUDA GPU" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -422,6 +440,7 @@ TOY_READY = all((ROOT / "data" / "toy" / f).exists() for f in
                  "toy_general.jsonl"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TOY_READY or shutil.which("make") is None, reason="embedded toy not built (make toy)")
 def test_make_wmdp_rmu_table_on_toy(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0")
@@ -436,13 +455,14 @@ def test_make_wmdp_rmu_table_on_toy(tmp_path):
     assert rec["steps"] == 2 and rec["eval"]["after"]["toy_hazard"]["acc"] is not None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TOY_READY, reason="embedded toy not built (make toy)")
 def test_toy_defaults_meet_the_issue_targets(tmp_path, monkeypatch):
     """`make wmdp-rmu RATIO=0.05` with the toy's shipped defaults (about a minute on a 2-core CPU): hazard
     accuracy at most 35%, general accuracy within 5 points of the base model."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    rec = U.run(U.build_parser().parse_args(["--ratio", "0.05", "--seed", "0", "--out", str(tmp_path / "o"),
-                                             "--no-save", "--no-progress", "--no-eval-cache"]))
+    rec = U.run(methods.resolve({"ratio": 0.05, "seed": 0, "out": str(tmp_path / "o"), "save": False,
+                                 "progress": False, "eval_cache": False}))
     before, after = rec["eval"]["before"], rec["eval"]["after"]
     assert after["toy_hazard"]["acc"] <= 0.35
     assert after["toy_general"]["acc"] >= before["toy_general"]["acc"] - 0.05
@@ -458,53 +478,28 @@ def test_interrupt_leaves_earlier_outputs(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(U, "train_rmu", interrupted)
     argv = ["--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"], "--out", str(out),
             "--eval-tasks", "none", "--layer-id", "2", "--layer-ids", "1,2", "--steps", "2", "--no-progress"]
-    with pytest.raises(SystemExit, match="interrupted"):
+    with pytest.raises(SystemExit) as e:
         U.main(argv)
+    assert e.value.code == 130
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-
-
-def test_toy_defaults_file_is_honoured(tmp_path, monkeypatch):
-    toy = tmp_path / "toy"
-    (toy / "model").mkdir(parents=True)
-    (toy / "model" / "config.json").write_text("{}")
-    (toy / "defaults.json").write_text(json.dumps({
-        "note": "x", "rmu": {"layer_id": 4, "layer_ids": [2, 3, 4], "steering_coeff": 20.0, "alpha": 100.0, "lr": 0.001,
-                             "steps": 100, "batch_size": 4, "max_len": 128, "masked_loss": True},
-        "npo": {"beta": 0.1, "lr": 0.0001, "steps": 100, "max_len": 128, "retain_coeff": 2.0}}))
-    monkeypatch.setattr(U, "TOY_DIR", toy)
-    a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model")]))
-    assert (a.toy, a.layer_id, a.layer_ids, a.steering_coeffs, a.alpha, a.lr, a.steps, a.forget_max_len) == \
-        (True, 4, "2,3,4", 20.0, 100.0, 1e-3, 100, 128)
-    assert a.forget == str(toy / "forget_corpus.jsonl") and a.tasks == ["toy_hazard", "toy_general"]
-    assert a.masked_loss is True and a.fp32_optimizer_state is False
-    a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model"), "--no-masked-loss"]))
-    assert a.masked_loss is False  # an explicit --no-x overrides the toy's default
-    a = U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model"), "--method", "npo", "--lr", "5e-5"]))
-    assert (a.gamma, a.lr, a.steps, a.beta) == (2.0, 5e-5, 100, 0.1)  # explicit flags win
-    a = U.resolve_args(U.build_parser().parse_args(["--model", str(tmp_path), "--forget", "f", "--retain", "r"]))
-    assert (a.toy, a.layer_id, a.steering_coeffs, a.alpha, a.lr, a.tasks) == (False, 7, "6.5", "1200", 5e-5, [])
-    assert a.masked_loss is False  # the reference's unmasked loss
-    (toy / "defaults.json").unlink()  # no silent fallback to the 7B values on the toy
-    with pytest.raises(U.UnlearnError, match="defaults.json: missing"):
-        U.resolve_args(U.build_parser().parse_args(["--model", str(toy / "model")]))
 
 
 def test_eval_cache_key_follows_model_and_question_files(tiny, tmp_path):
     """The cached base-model evaluation is keyed by the files it read: a regenerated question file (same path)
     or a changed model must miss the cache."""
-    import argparse
     row = '{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 0}\n'
     (tmp_path / "toy_hazard.jsonl").write_text(row)
     own = tmp_path / "own.jsonl"
     own.write_text(row)
-    args = argparse.Namespace(model=tiny["model"], data=str(tmp_path), tasks=["toy_hazard", str(own)], eval_limit=None)
-    key = U.eval_key(args, torch.float32)
-    assert U.eval_key(args, torch.float32) == key
-    assert U.eval_key(args, torch.bfloat16) != key
+    import evaluate
+    key_of = lambda dtype: evaluate.eval_key(tiny["model"], tmp_path, ["toy_hazard", str(own)], None, dtype)
+    key = key_of(torch.float32)
+    assert key_of(torch.float32) == key
+    assert key_of(torch.bfloat16) != key
     for f in (tmp_path / "toy_hazard.jsonl", own):
         f.write_text(row * 2)
-        assert U.eval_key(args, torch.float32) != key
-        key = U.eval_key(args, torch.float32)
+        assert key_of(torch.float32) != key
+        key = key_of(torch.float32)
     cfg = Path(tiny["model"]) / "config.json"
     os.utime(cfg, ns=(cfg.stat().st_atime_ns, cfg.stat().st_mtime_ns + 10**9))
-    assert U.eval_key(args, torch.float32) != key
+    assert key_of(torch.float32) != key

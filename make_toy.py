@@ -1,4 +1,4 @@
-"""Build the embedded default benchmark and model (`make toy` = `python -m data.make_toy`).
+"""Build the embedded default benchmark and model (`make toy` = `python make_toy.py`).
 
 A fictional benchmark in WMDP's shape, deterministic under --seed:
   forget_corpus.jsonl  hazard-domain documents about fictional pathogens (every fact in several wordings)
@@ -10,9 +10,9 @@ then a byte-level BPE tokenizer and a small Llama-style model (model.py) trained
 corpora. Everything the model knows about the hazard agents, their facts and the hazard questions'
 answers, comes from the forget corpus: a model trained without it (--no-forget) is at chance there.
 
-  python -m data.make_toy                      # data + tokenizer + model into data/toy/
-  python -m data.make_toy --data-only --out /tmp/t --scale 0.2
-  python -m data.make_toy --no-forget --out /tmp/nf   # same model trained without the forget corpus
+  python make_toy.py                      # data + tokenizer + model into data/toy/
+  python make_toy.py --data-only --out /tmp/t --scale 0.2
+  python make_toy.py --no-forget --out /tmp/nf   # same model trained without the forget corpus
 """
 import argparse
 import json
@@ -22,12 +22,12 @@ import random
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+from data import mc_prompt
+from infra import TOY_DIR, atomic_write_json, atomic_write_lines
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(
-    out=os.path.join(HERE, "toy"),
+    out=str(TOY_DIR),
     seed=0,
     scale=1.0,            # multiplies the number of entities (tests use a reduced size)
     vocab_size=1024,
@@ -189,13 +189,6 @@ def _cap(s):
 
 
 # ----------------------------------------------------------------------------- lm-eval prompt + scoring
-def mc_prompt(question, choices, topic):
-    """lm-eval's wmdp/mmlu context (REFERENCE section 4)."""
-    desc = f"The following are multiple choice questions (with answers) about {topic.replace('_', ' ')}.\n\n"
-    body = question.strip() + "\n" + "".join(f"{L}. {c}\n" for L, c in zip(LETTERS, choices)) + "Answer:"
-    return desc + body
-
-
 def toy_accuracy(model, tok_dir, data_dir):
     """Accuracy on toy_hazard / toy_general, scored by evaluate.py exactly as lm-evaluation-harness scores WMDP."""
     from evaluate import evaluate_tasks
@@ -206,7 +199,6 @@ def toy_accuracy(model, tok_dir, data_dir):
 
 # ----------------------------------------------------------------------------- files
 def _write_jsonl(path, rows):
-    from model import atomic_write_lines
     atomic_write_lines(path, (json.dumps(r, ensure_ascii=False) for r in rows))
 
 
@@ -237,7 +229,6 @@ def train_tokenizer(texts, vocab_size, out_dir):
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
            "unk_token": "<unk>", "pad_token": None, "add_bos_token": True, "add_eos_token": False,
            "clean_up_tokenization_spaces": False, "model_max_length": 512}
-    from model import atomic_write_json
     atomic_write_json(os.path.join(out_dir, "tokenizer_config.json"), cfg)
     atomic_write_json(os.path.join(out_dir, "special_tokens_map.json"), {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     for L in LETTERS:  # lm-eval's continuation encode(ctx + " A")[len(encode(ctx)):] must be one token
@@ -266,6 +257,7 @@ def train_model(args, quiz, docs, encode, cfg_dict, log=print):
     quiz: [(context, " X")] of the sheets that are in docs."""
     import torch
     import torch.nn.functional as F
+    from methods import lr_at
     from model import ModelConfig, Transformer
     torch.manual_seed(args.seed)
     with tempfile.TemporaryDirectory() as td:
@@ -297,10 +289,7 @@ def train_model(args, quiz, docs, encode, cfg_dict, log=print):
     except ImportError:
         bar = range(args.steps)
     for step in bar:
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
-        if step >= args.warmup:
-            prog = (step - args.warmup) / max(1, args.steps - args.warmup)
-            lr = args.lr * (args.min_lr_frac + (1 - args.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+        lr = lr_at(step, args.steps, args.lr, args.warmup, "cosine", args.min_lr_frac)
         for g in opt.param_groups:
             g["lr"] = lr
         seqs, wts = [], []
@@ -372,7 +361,6 @@ def main():
     if args.data_only:
         return
     import torch
-    from model import atomic_write_json
     torch.set_num_threads(args.threads)
     out_dir = os.path.join(args.out, "model")
     tok_dir = os.path.join(args.out, ".tokenizer.tmp")  # the old model/ stays intact until the new one is saved

@@ -1,8 +1,8 @@
 """Benchmark the fused kernels against the bare-matmul floor, eager PyTorch, torch.compile and Liger.
 
-    python -m lpkernels.bench                   # N=8192 (16 x 512), d=4096, V in {32000, 128256}, bf16
-    python -m lpkernels.bench --quick           # N=2048 (4 x 512), d=1024, V=32000: a one-minute smoke run
-    python -m lpkernels.bench --out run.json    # also write the JSON record to a file (atomically)
+    python -m benches.kernels                   # N=8192 (16 x 512), d=4096, V in {32000, 128256}, bf16
+    python -m benches.kernels --quick           # N=2048 (4 x 512), d=1024, V=32000: a one-minute smoke run
+    python -m benches.kernels --out run.json    # also write the JSON record to a file (atomically)
 
 Three tasks, each timed with triton.testing.do_bench (median ms, L2 flushed between runs):
   fwd     per-token log-probs, no grad                           floor: 1 matmul  H W^T
@@ -74,8 +74,8 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- implementations
 def npo_loss(lp, ref):
-    import torch.nn.functional as F
-    return -(2 / BETA) * F.logsigmoid(-BETA * (lp - ref))
+    from losses import npo_loss as npo
+    return npo(lp, ref, BETA)
 
 
 def eager_logprob(h, w, t):
@@ -277,7 +277,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("lpkernels/bench.py: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured",
+        print("benches/kernels.py: needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured",
               file=sys.stderr)
         return 2
     import triton
@@ -289,13 +289,13 @@ def main(argv=None):
         rows += run_vocab(V, args, impls, dtype)
     print_table(rows)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rec = dict(bench="lpkernels/bench.py", date=now, seed=args.seed,
+    rec = dict(bench="benches/kernels.py", date=now, seed=args.seed,
                device="cpu smoke run (not a measurement)" if args.cpu_smoke else torch.cuda.get_device_name(),
                torch=torch.__version__, triton=triton.__version__,
                args={k: v for k, v in vars(args).items()}, seconds=round(time.time() - t0, 1), results=rows)
     line = json.dumps(rec)
     if args.out:
-        from model import atomic_write_lines
+        from infra import atomic_write_lines
         atomic_write_lines(args.out, [line])
     print(line)
     return 0

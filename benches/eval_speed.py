@@ -1,0 +1,171 @@
+"""make bench-eval: multiple-choice questions/s of evaluate.py against lm-evaluation-harness's Hugging Face path
+on the same weights and questions, with the predictions compared (GPU; REFERENCE section 8's anchors).
+
+    python -m benches.eval_speed --model DIR --data DATA --tasks wmdp_bio,mmlu --limit 50
+
+The harness is lm_eval's own HFLM when lm_eval is importable, else an emulation of its loglikelihood path, written
+out here (harness_hf_loglikelihoods). Prints a line per task and writes bench_eval.json beside --out; the last
+line printed is one JSON object.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from data import MUSE_TASKS, mc_prompt
+from evaluate import CHOICE_LETTERS, DEFAULTS, EvalError, argmax_first, load_mc_task, mc_loglikelihoods, mc_requests
+from loglik import scoring_bar
+from infra import ProjectError, atomic_write_json, cli_main, run_info
+from model import load
+
+
+def harness_hf_loglikelihoods(hf_model, tok, items, topic=None, batch_size=32, bos=None, progress=False):
+    """The harness's Hugging Face path, emulated line for line (lm_eval HFLM._loglikelihood_tokens with its default
+    logits_cache): requests grouped by context + continuation[:-1], one forward per group over (ctx + cont)[:-1]
+    without attention mask, groups sorted by descending length, right padded to the longest of the batch;
+    F.log_softmax(model(inps).logits, dim=-1) over every position (in the logits' dtype: bf16 for a bf16 model
+    with transformers >= 4.46, fp32 before), gather, sum in that dtype, float(). -> per question four floats."""
+    import torch.nn.functional as F
+    reqs = mc_requests(tok, items, topic, bos)
+    groups = {}  # key (ctx + cont[:-1]) -> list of (question, choice, ctx, cont)
+    for q, r in enumerate(reqs):
+        for j, c in enumerate(r["conts"]):
+            groups.setdefault(tuple(r["ctx"] + c[:-1]), []).append((q, j, r["ctx"], c))
+    # lm-eval sorts requests by (-len(ctx + cont), tokens) and keeps the longest continuation per group
+    keys = sorted(groups, key=lambda k: (-(len(k) + 1), k))
+    max_length = hf_model.config.max_position_embeddings  # HFLM.max_length; longer inputs lose their left end
+    lls = [[None] * 4 for _ in reqs]
+    device = next(hf_model.parameters()).device
+    bar = scoring_bar(len(keys), "harness", progress)
+    for s in range(0, len(keys), batch_size):
+        chunk = keys[s:s + batch_size]
+        inputs = [k[-max_length:] for k in chunk]  # (ctx + cont)[-(max_length + 1):][:-1]
+        T = max(len(k) for k in inputs)
+        inps = torch.zeros((len(chunk), T), dtype=torch.long)
+        for b, k in enumerate(inputs):
+            inps[b, :len(k)] = torch.tensor(k, dtype=torch.long)
+        with torch.no_grad():
+            multi_logits = F.log_softmax(hf_model(inps.to(device)).logits, dim=-1)  # (B, T, V)
+        for b, k in enumerate(chunk):
+            for q, j, ctx, c in groups[k]:
+                inplen = len(inputs[b])  # _select_cont_toks: logits[inplen - contlen : inplen]
+                pos = torch.arange(inplen - len(c), inplen, device=device)
+                lls[q][j] = float(multi_logits[b, pos, torch.tensor(c, device=device)].sum())
+        bar.update(len(chunk))
+    bar.close()
+    return lls
+
+
+def harness_lm_eval_loglikelihoods(hf_model, hf_tok, items, topic=None, batch_size=32):
+    """lm-eval itself (when installed): HFLM.loglikelihood on our contexts and continuations."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=batch_size)
+    reqs = []
+    for q, it in enumerate(items):
+        ctx = mc_prompt(it["question"], it["choices"], topic if topic else it.get("subject"))
+        for j, letter in enumerate(CHOICE_LETTERS):
+            reqs.append(Instance(request_type="loglikelihood", doc=it, arguments=(ctx, " " + letter), idx=j))
+    res = lm.loglikelihood(reqs, disable_tqdm=True)
+    return [[res[4 * q + j][0] for j in range(4)] for q in range(len(items))]
+
+
+def bench(args, device=None):
+    """make bench-eval: questions/s of ours and of the harness's HF path on the same weights and questions, with
+    the predictions compared. Writes bench_eval.json beside --out. device None = CUDA (required)."""
+    if device is None:
+        if not torch.cuda.is_available():
+            raise ProjectError("bench-eval needs a CUDA GPU (none found): it times our evaluator against the "
+                               "harness's Hugging Face path; run it on a GPU machine")
+        device = "cuda"
+    try:
+        import transformers
+    except ImportError:
+        raise ProjectError("bench-eval needs transformers (the harness's model class): pip install transformers") from None
+    cuda = torch.device(device).type == "cuda"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    tasks = [t for t in args.tasks.split(",") if t and t not in MUSE_TASKS]
+    if not tasks:
+        raise EvalError("--tasks: bench-eval needs at least one multiple-choice task")
+    sets = [load_mc_task(t, args.data, args.limit) for t in tasks]
+    ours, tok = load(args.model, device, dtype)
+    report = {"model": str(args.model), "dtype": str(dtype).replace("torch.", ""), "batch_size": args.batch_size,
+              "ours_batch_tokens": args.batch_tokens,
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "tasks": {}}
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.time()
+        r = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return r, time.time() - t0
+
+    # ours first, then free it: a 7B model twice does not fit everywhere
+    warm = sets[0][1][:args.batch_size]
+    run_ours = lambda items, topic: mc_loglikelihoods(ours, tok, items, topic, args.batch_size, bos=args.bos,
+                                                      ll_dtype=args.ll_dtype, batch_tokens=args.batch_tokens)
+    run_ours(warm, sets[0][2])
+    ours_ll = {}
+    for name, items, topic in sets:
+        ours_ll[name], dt = timed(lambda: run_ours(items, topic))
+        report["tasks"][name] = {"n": len(items), "ours_s": dt, "ours_qps": len(items) / dt}
+    del ours
+    if cuda:
+        torch.cuda.empty_cache()
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype)
+    hf = hf.to(device).eval()
+    try:
+        import lm_eval  # noqa: F401
+        hf_tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        harness = lambda items, topic: harness_lm_eval_loglikelihoods(hf, hf_tok, items, topic, args.batch_size)
+        report["harness"] = "lm_eval " + getattr(lm_eval, "__version__", "?") + " HFLM"
+    except ImportError:
+        harness = lambda items, topic: harness_hf_loglikelihoods(hf, tok, items, topic, args.batch_size, args.bos)
+        report["harness"] = "emulation of lm-eval HFLM (transformers " + transformers.__version__ + ")"
+    harness(warm, sets[0][2])
+    for name, items, topic in sets:
+        ll, dt = timed(lambda: harness(items, topic))
+        r = report["tasks"][name]
+        p_h, p_o = [argmax_first(x) for x in ll], [argmax_first(x) for x in ours_ll[name]]
+        same = sum(a == b for a, b in zip(p_h, p_o))
+        r.update(harness_s=dt, harness_qps=len(items) / dt, speedup=dt / r["ours_s"], identical_predictions=same,
+                 acc_ours=sum(p == it["answer"] for p, it in zip(p_o, items)) / len(items),
+                 acc_harness=sum(p == it["answer"] for p, it in zip(p_h, items)) / len(items),
+                 max_abs_ll_diff=max(abs(x - y) for a, b in zip(ll, ours_ll[name]) for x, y in zip(a, b)))
+        print(f"{name}: n={len(items)}  ours {r['ours_qps']:.1f} q/s  harness {r['harness_qps']:.1f} q/s  "
+              f"speedup {r['speedup']:.2f}x  identical predictions {same}/{len(items)}  "
+              f"acc {r['acc_ours']:.4f} vs {r['acc_harness']:.4f}")
+    out = Path(args.out).with_name("bench_eval.json")
+    atomic_write_json(out, dict(report, run=run_info(args)))
+    print(f"wrote {out}")
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULTS["model"])
+    p.add_argument("--data", default=DEFAULTS["data"])
+    p.add_argument("--tasks", default=DEFAULTS["tasks"])
+    p.add_argument("--limit", type=int, default=50, help="questions per task (MMLU: per subject)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--batch-tokens", type=int, default=DEFAULTS["batch_tokens"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--bos", choices=["config", "yes", "no"], default="config")
+    p.add_argument("--ll-dtype", choices=["model", "float32"], default=DEFAULTS["ll_dtype"])
+    p.add_argument("--out", default="runs/bench/bench_eval.json")
+    args = p.parse_args(argv)
+    args.bos = {"config": None, "yes": True, "no": False}[args.bos]
+    rep = cli_main("bench-eval", bench, args)
+    print(json.dumps(rep, default=str))
+    return rep
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The coreset sweep, the paper's main figure in one command: for every (selection method, ratio, seed) select a
+coreset (coreset.py), unlearn on it (unlearn.run, in process) and evaluate; then a table and a plot.
+
+    python coreset_sweep.py --method rmu --select random --ratios 0.01,0.05,0.1,0.2,1.0 --seeds 0,1,2 \\
+        --model data/toy/model --data data/toy --forget data/toy/forget_corpus.jsonl \\
+        --retain data/toy/retain_corpus.jsonl --tasks toy_hazard,toy_general --out runs/sweep
+    (make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2")
+
+Each cell, in cells/<select>_r<ratio>_s<seed>/: a coreset in selection/coreset.jsonl (ratio 1 = the full set, none;
+--select keywords: unlearn on the keyword-only forget set of a random `ratio` of the documents instead), then
+unlearning at a fixed number of steps (the seed is both the selection's and the unlearning's; GraNd scores with the
+very control vectors that cell trains with) into run/, then the tasks (the base model's evaluation is cached in
+cells/.eval_cache). Each cell's result.json is written atomically when it is done; a rerun skips cells that have
+one. Checkpoints are not kept (--keep-models keeps them in run/model). Then results.json / results.md (mean +- sample std over
+seeds per (selection, ratio), and the base model) and results.png (accuracy against ratio with error bars on a
+log ratio axis; a bar chart per selection method when there is one ratio and several methods); --docs PREFIX
+copies the three to PREFIX.{md,json,png}.
+"""
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import coreset
+import data
+import evaluate
+import methods
+import unlearn
+from coreset import CoresetError, coreset_size
+from infra import TOY_DIR, TOY_MODEL, atomic_write_json, atomic_write_lines, cli_main, run_info, split_list
+
+UTILITY_TASKS = ("mmlu", "toy_general", "wikitext")   # tasks that measure retained utility (the others: forget)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The coreset sweep: select, unlearn and evaluate for every (selection, ratio, seed); then a "
+                    "table (Markdown + JSON) and a plot of accuracy against coreset ratio. Reruns skip finished cells.")
+    p.add_argument("--method", default="rmu", help="unlearning method (unlearn.py --method)")
+    p.add_argument("--select", default="random", help="selection method(s), comma/space list: " + "|".join(coreset.METHODS)
+                   + " (keywords: unlearn on the keyword-only forget set of a random `ratio` of the documents)")
+    p.add_argument("--ratios", default="0.01,0.05,0.1,0.2,1.0", help="coreset ratios, comma/space list")
+    p.add_argument("--seeds", default="0,1,2", help="seeds (selection and unlearning), comma/space list")
+    p.add_argument("--model", default=str(TOY_MODEL))
+    p.add_argument("--data", default=str(TOY_DIR), help="DATA dir of the evaluation tasks")
+    p.add_argument("--forget", default=str(TOY_DIR / "forget_corpus.jsonl"))
+    p.add_argument("--retain", default=str(TOY_DIR / "retain_corpus.jsonl"))
+    p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
+    p.add_argument("--utility-tasks", default=",".join(UTILITY_TASKS),
+                   help="tasks that measure retained utility (the others are forget tasks)")
+    p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: unlearn.py's, the same for "
+                   "every ratio: a coreset is cycled)")
+    p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags, e.g. \"--lr 1e-4 --batch-size 4\"")
+    p.add_argument("--select-args", default="", help="extra selection flags, e.g. \"--mink-k 0.2 --order high\"")
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--keep-models", action="store_true", help="keep each cell's unlearned checkpoint")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from finished cells")
+    p.add_argument("--docs", default=None, help="also copy results.{md,json,png} to this prefix (e.g. docs/coreset_sweep)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def cell_name(select_method, ratio, seed):
+    return f"{select_method}_r{ratio:g}_s{seed}"
+
+
+def full_set(ratio, sizes):
+    return all(coreset_size(ratio, n) == n for n in sizes)
+
+
+def unlearn_overrides(args, seed, cdir, forget=None, coreset_file=None) -> dict:
+    """The settings of one cell's unlearning run (methods.resolve fills the rest; --unlearn-args add to them)."""
+    ov = {"method": args.method, "model": args.model, "forget": forget or args.forget, "retain": args.retain,
+          "seed": seed, "out": str(cdir / "run"), "eval_cache_dir": str(cdir.parent / ".eval_cache"),
+          "data": args.data, "eval_tasks": args.tasks,
+          "eval_batch_size": args.eval_batch_size, "steps": args.steps, "eval_limit": args.eval_limit,
+          "device": args.device, "save": args.keep_models, "progress": not args.no_progress, "coreset": coreset_file}
+    ov = {k: v for k, v in ov.items() if v is not None}
+    ov.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    return ov
+
+
+def select_overrides(s) -> dict:
+    """--select-args (coreset.py flags) -> the SelectConfig fields they set."""
+    parser = coreset.build_parser()
+    given, defaults = vars(parser.parse_args(shlex.split(s))), vars(parser.parse_args([]))
+    return {k: v for k, v in given.items() if v != defaults[k]}
+
+
+def run_cell(args, sel, ratio, seed, sizes, cache):
+    """One (selection, ratio, seed) cell: select, unlearn.run, evaluate. Returns the cell's result dict."""
+    cdir = Path(args.out) / "cells" / cell_name(sel, ratio, seed)
+    t0 = time.time()
+    coreset_file, selection, forget = None, None, None
+    common = dict(forget=args.forget, retain=args.retain, ratio=f"{ratio:g}", seed=seed, device=args.device,
+                  progress=not args.no_progress)
+    if sel == "keywords":   # the keyword-only forget set of a random `ratio` of the documents
+        scfg = coreset.SelectConfig(method="keywords", out=str(cdir / "selection" / "keywords.jsonl"),
+                                    **{**common, **select_overrides(args.select_args)})
+        selection = coreset.select(scfg)
+        forget = selection["forget_out"]
+    elif not full_set(ratio, sizes):
+        # random included: the same documents as unlearn.py --ratio (coreset.random_indices), written for the record
+        extra = {}
+        if sel == "grand":  # score with the gradients of the loss this cell trains, its control vectors included
+            ucfg = methods.resolve(unlearn_overrides(args, seed, cdir))
+            extra = {"grand_loss": "rmu" if args.method == "rmu" else "npo"}
+            if args.method == "rmu":
+                extra.update(layer_id=ucfg.layer_id, layer_ids=",".join(map(str, ucfg.layer_ids)),
+                             steering_coeffs=",".join(map(str, ucfg.steering_coeffs)), params=",".join(ucfg.params),
+                             masked_loss=ucfg.masked_loss)
+        scfg = coreset.SelectConfig(method=sel, model=args.model, out=str(cdir / "selection" / "coreset.jsonl"),
+                                    **{**common, **extra, **select_overrides(args.select_args)})
+        selection = coreset.select(scfg, cache=cache)
+        coreset_file = str(cdir / "selection" / "coreset.jsonl")
+    given = unlearn_overrides(args, seed, cdir, forget, coreset_file)
+    rec = unlearn.run(methods.resolve(given), given=given)
+    ev = rec.get("eval") or {}
+    result = {
+        "select": sel, "ratio": ratio, "seed": seed, "method": args.method,
+        "n_docs": rec.get("coreset", {}).get("n_docs", sizes),
+        "n_selected": rec.get("coreset", {}).get("n_selected"),
+        "coreset": coreset_file, "forget": forget or args.forget,
+        "selection_s": None if selection is None else selection["timings"].get("total_s"),
+        "steps": rec.get("steps"), "train_s": rec.get("train_s"), "time_s": round(time.time() - t0, 3),
+        "before": evaluate.task_metrics(ev.get("before")), "after": evaluate.task_metrics(ev.get("after")),
+        "unlearn_args": rec.get("args"),
+    }
+    atomic_write_json(cdir / "result.json", result)
+    return result
+
+
+def mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = float(np.mean(xs))
+    return m, float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+
+
+def aggregate(cells, utility_tasks):
+    """Finished cells -> {"base", "metrics", "forget_metrics", "utility_metrics", "rows"} (rows: mean/std over seeds
+    per (selection, ratio))."""
+    metrics = list(dict.fromkeys(k for c in cells for k in c["after"]))
+    base = {}
+    for c in cells:
+        for k, v in c["before"].items():
+            base.setdefault(k, v)
+    util = [m for m in metrics if m.split("/")[0] in utility_tasks]
+    groups = {}
+    for c in cells:
+        groups.setdefault((c["select"], c["ratio"]), []).append(c)
+    rows = []
+    first = {s: i for i, s in reversed(list(enumerate(c["select"] for c in cells)))}   # the grid's order
+    for (sel, ratio), cs in sorted(groups.items(), key=lambda kv: (first[kv[0][0]], kv[0][1])):
+        cs = sorted(cs, key=lambda c: c["seed"])
+        row = {"select": sel, "ratio": ratio, "seeds": [c["seed"] for c in cs],
+               "n_selected": cs[0].get("n_selected"), "n_docs": cs[0].get("n_docs"),
+               "time_s": float(np.mean([c["time_s"] for c in cs])), "metrics": {}}
+        for m in metrics:
+            vals = [c["after"].get(m) for c in cs]
+            mu, sd = mean_std(vals)
+            row["metrics"][m] = {"mean": mu, "std": sd, "values": vals}
+        rows.append(row)
+    return {"base": base, "metrics": metrics, "utility_metrics": util,
+            "forget_metrics": [m for m in metrics if m not in util], "rows": rows}
+
+
+def fmt_pct(v, sd=None):
+    if v is None:
+        return "-"
+    scale = 100 if abs(v) <= 1 else 1
+    s = f"{scale * v:.1f}"
+    return s if sd is None else f"{s} ± {scale * sd:.1f}"
+
+
+def ratio_label(r):
+    return f"{100 * r:g}%" if r <= 1 else f"{int(r)} docs"
+
+
+def _quote(a):
+    return shlex.quote(str(a))
+
+
+def markdown_table(agg, title, notes=()):
+    ms = agg["forget_metrics"] + agg["utility_metrics"]
+    tag = {m: "forget" if m in agg["forget_metrics"] else "utility" for m in ms}
+    head = ["selection", "ratio", "docs"] + [f"{m} ({tag[m]})" for m in ms] + ["seeds", "time/cell"]
+    lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines.append("| base model | - | - | " + " | ".join(fmt_pct(agg["base"].get(m)) for m in ms) + " | - | - |")
+    for r in agg["rows"]:
+        docs = "+".join(str(n) for n in (r["n_selected"] or [])) or "-"
+        vals = [fmt_pct(r["metrics"][m]["mean"], r["metrics"][m]["std"]) for m in ms]
+        lines.append(f"| {r['select']} | {ratio_label(r['ratio'])} | {docs} | " + " | ".join(vals)
+                     + f" | {len(r['seeds'])} | {r['time_s']:.0f}s |")
+    lines += ["", "Accuracy in % (mean ± sample std over seeds); base model = before unlearning; docs = selected "
+              "documents per forget file; time/cell = selection + unlearning + evaluation, mean over seeds.",
+              *notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(agg, path, title):
+    """Accuracy against coreset ratio with error bars (or bars per selection at a single ratio) -> PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("coreset sweep: matplotlib is not installed, no plot (make setup installs it from the lock); "
+              "the table is written", file=sys.stderr)
+        return None
+    ms = agg["forget_metrics"] + agg["utility_metrics"]
+    sels = list(dict.fromkeys(r["select"] for r in agg["rows"]))
+    ratios = sorted({r["ratio"] for r in agg["rows"]})
+    scale = lambda v: None if v is None else (100 * v if abs(v) <= 1 else v)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    if len(ratios) == 1 and len(sels) > 1:   # sweep-select: bars per selection method
+        w = 0.8 / len(ms)
+        for j, m in enumerate(ms):
+            rows = {r["select"]: r for r in agg["rows"]}
+            ys = [scale(rows[s]["metrics"][m]["mean"]) for s in sels]
+            es = [scale(rows[s]["metrics"][m]["std"]) for s in sels]
+            ax.bar(np.arange(len(sels)) + (j - (len(ms) - 1) / 2) * w, ys, w, yerr=es, capsize=3,
+                   color=colors[j % len(colors)], label=m)
+            if m in agg["base"]:
+                ax.axhline(scale(agg["base"][m]), color=colors[j % len(colors)], ls="--", lw=1,
+                           label=f"{m} (base)")
+        if ms and all("/" not in m for m in ms):
+            ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
+        ax.set_xticks(np.arange(len(sels)), sels)
+        ax.set_xlabel(f"selection method (coreset ratio {ratio_label(ratios[0])})")
+    else:
+        for j, m in enumerate(ms):
+            c = colors[j % len(colors)]
+            for k, s in enumerate(sels):
+                rows = sorted((r for r in agg["rows"] if r["select"] == s), key=lambda r: r["ratio"])
+                xs = [r["ratio"] for r in rows]
+                ys = [scale(r["metrics"][m]["mean"]) for r in rows]
+                es = [scale(r["metrics"][m]["std"]) for r in rows]
+                ax.errorbar(xs, ys, yerr=es, color=c, marker="os^vD<>"[k % 7], capsize=3,
+                            ls="-" if m in agg["forget_metrics"] else "-.",
+                            label=m + ("" if len(sels) == 1 else f" ({s})"))
+            if m in agg["base"]:
+                ax.axhline(scale(agg["base"][m]), color=c, ls="--", lw=1, label=f"{m} (base model)")
+        if ms and all("/" not in m for m in ms):   # multiple-choice accuracies: 4 choices
+            ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
+        if all(r <= 1 for r in ratios):
+            ax.set_xscale("log")
+            ax.set_xticks(ratios, [ratio_label(r) for r in ratios])
+            ax.minorticks_off()
+        ax.set_xlabel("coreset ratio (fraction of the forget set)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def report(args, sels, ratios, seeds, record, with_plot=True):
+    out = Path(args.out)
+    cells = []
+    for s in sels:
+        for r in ratios:
+            for seed in seeds:
+                f = out / "cells" / cell_name(s, r, seed) / "result.json"
+                if f.is_file():
+                    cells.append(json.loads(f.read_text()))
+    if not cells:
+        raise CoresetError(f"--out {out}: no finished cells to report")
+    agg = aggregate(cells, set(split_list(args.utility_tasks, "--utility-tasks")))
+    what = f"{'/'.join(sels)} coresets" if len(sels) <= 2 else f"{len(sels)} selection methods"
+    title = f"{args.method.upper()} on {Path(args.forget.split(',')[0]).parent.name or args.forget}: " \
+            f"{what}, {len(seeds)} seed(s), {cells[0].get('steps')} steps"
+    done = len(cells)
+    total = len(sels) * len(ratios) * len(seeds)
+    cell_s = sum(c["time_s"] for c in cells)
+    notes = ["", f"{done}/{total} cells done, {cell_s / 60:.1f} min of cell time on {record.get('device')}. Command:",
+             "", "    python coreset_sweep.py " + " ".join(_quote(a) for a in record.get("argv", [])[1:])]
+    md = markdown_table(agg, title, notes)
+    record.update(results=agg, cells_done=len(cells), cells_total=len(sels) * len(ratios) * len(seeds))
+    atomic_write_json(out / "results.json", record)
+    atomic_write_lines(out / "results.md", md.rstrip("\n").split("\n"))
+    png = plot(agg, out / "results.png", title) if with_plot else None
+    if args.docs:
+        prefix = Path(args.docs)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for ext, src in (("md", out / "results.md"), ("json", out / "results.json"), ("png", png)):
+            if src is not None and Path(src).is_file():
+                shutil.copyfile(src, f"{prefix}.{ext}")
+    if with_plot:
+        print(md)
+    return agg
+
+
+def sweep(args):
+    """The whole grid -> the aggregate (also results.{json,md,png} in --out)."""
+    t0 = time.time()
+    sels = split_list(args.select, "--select")
+    for s in sels:
+        if s not in coreset.METHODS:
+            raise CoresetError(f"--select {s!r}: expected some of {', '.join(coreset.METHODS)}")
+    ratios = [coreset.parse_ratio(r, "--ratios") for r in split_list(args.ratios, "--ratios")]
+    seeds = split_list(args.seeds, "--seeds", int)
+    forget = split_list(args.forget.split(","), "--forget")
+    try:
+        sizes = [len(data.read_corpus(p)) for p in forget]
+    except data.DataError as e:
+        raise CoresetError(f"--forget: {e}") from None
+    out = Path(args.out)
+    record = run_info(args)
+    record["timings"] = {}
+    if not args.report_only:
+        cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)
+        grid = [(s, r, seed) for s in sels for r in ratios for seed in seeds]
+        todo = [g for g in grid if not (out / "cells" / cell_name(*g) / "result.json").is_file()]
+        print(f"coreset sweep: {len(grid)} cells, {len(grid) - len(todo)} done, {len(todo)} to run -> {out}")
+        for i, (s, r, seed) in enumerate(todo):
+            print(f"--- cell {i + 1}/{len(todo)}: select={s} ratio={r:g} seed={seed} "
+                  f"({time.time() - t0:.0f}s elapsed)", flush=True)
+            run_cell(args, s, r, seed, sizes, cache)
+            report(args, sels, ratios, seeds, dict(record, timings={"total_s": time.time() - t0}), with_plot=False)
+    record["timings"]["total_s"] = time.time() - t0
+    return report(args, sels, ratios, seeds, record)
+
+
+def main(argv=None):
+    return cli_main("coreset sweep", sweep, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""What an unlearning run is configured with, and the one function that resolves it.
+
+    cfg = resolve({"method": "rmu", "ratio": 0.05})   # -> RMUConfig: every default filled in, every value checked
+    cfg = resolve({"method": "npo", "model": "/models/zephyr", "forget": "bio.jsonl", "retain": "wiki.txt"})
+
+One dataclass per method family. Their field defaults ARE the reference recipes: RMUConfig is WMDP's Zephyr run
+(REFERENCE section 2), NPOConfig the coreset paper's WMDP NPO runs (section 3: token-mean log-probs, beta 0.1,
+lr 1e-5, retain CE, warmup 10 %, 500 steps). Resolution, in order, later wins:
+    1. the dataclass defaults (the reference values);
+    2. the embedded toy's own values (data/toy/defaults.json) when --model is the toy model;
+    3. what the caller set explicitly (command-line flags, or a sweep's dict).
+Then every value is checked against its math (beta > 0, layer ids inside the model, ...) before any model loads:
+a bad value is a one-line ConfigError naming the flag. `python unlearn.py --print-config [flags]` prints the
+result; unlearn.run records it in run.json.
+
+Also here, the recipes' shared pieces: lr_at (the learning-rate schedule, make_toy.py's too) and HFAdamW, the small
+AdamW for what torch.optim.AdamW cannot do (unlearn.build picks torch's otherwise).
+"""
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from infra import TOY_DIR, TOY_MODEL, ProjectError, resolve_device, split_list
+
+METHODS = ("rmu", "npo", "graddiff", "simnpo")
+TOY_TASKS = ["toy_hazard", "toy_general"]
+
+
+class ConfigError(ProjectError):
+    """A flag or config value outside what the method allows; the message names the flag."""
+
+
+@dataclass
+class UnlearnConfig:
+    """Fields of every method. Paths are as given; lists hold one value per forget topic where noted."""
+    method: str = "rmu"
+    model: str = str(TOY_MODEL)           # Hugging Face Llama/Mistral checkpoint dir
+    forget: list = None                   # forget corpora, one per topic (toy: data/toy/forget_corpus.jsonl)
+    retain: list = None                   # retain corpora, one per topic or one for all
+    coreset: str | None = None            # coreset JSONL written by coreset.py
+    ratio: float | None = None            # random coreset: fraction (<= 1) or count (> 1) per forget file
+    seed: int = 42                        # the reference's seed
+    out: str = "runs/unlearn"
+    steps: int | None = None              # optimizer steps (None: the method's rule, see unlearn.py)
+    data: str | None = None               # DATA dir of the evaluation tasks (toy: data/toy)
+    eval_tasks: list = None               # tasks evaluated before and after ([] skips; toy: toy_hazard, toy_general)
+    eval_limit: int | None = None         # questions per task (None: all)
+    eval_batch_size: int = 32
+    min_chars: int = 0                    # documents with len(text) > min_chars (reference min_len 0)
+    device: str | None = None             # None: cuda when available
+    dtype: str | None = None              # None: bf16 on CUDA (as the reference), fp32 on CPU
+    save: bool = True                     # write the checkpoint (run.json is always written)
+    eval_cache: bool = True               # reuse the base model's cached evaluation
+    eval_cache_dir: str | None = None     # where it is cached (None: <out>/../.eval_cache)
+    overwrite: bool = False               # replace an --out holding anything but a previous run's own files
+    progress: bool = True
+    # optimization
+    lr: float = 5e-5
+    adam_eps: float = 1e-6
+    hf_adam_eps: bool = True              # eps added to the uncorrected sqrt(v) (transformers.AdamW)
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup: float = 0.0                   # steps (>= 1) or a fraction of the steps (< 1)
+    lr_schedule: str = "constant"         # constant | linear | cosine
+    max_grad_norm: float = 0.0            # 0: no clipping
+    fp32_optimizer_state: bool = False    # fp32 Adam moments and master weights for bf16/fp16 parameters
+    forget_max_len: list = field(default_factory=lambda: [512])   # tokens per forget document, per topic
+    retain_max_len: int = 512
+
+
+@dataclass
+class RMUConfig(UnlearnConfig):
+    """RMU, WMDP's reference run on Zephyr-7B (rmu/unlearn.py)."""
+    forget_max_len: list = field(default_factory=lambda: [512, 768])   # bio, cyber
+    max_num_batches: int = 150
+    steering_coeffs: list = field(default_factory=lambda: [6.5])     # control-vector norm per topic
+    alpha: list = field(default_factory=lambda: [1200.0])              # retain weight per topic
+    layer_id: int = 7                     # steering layer: the residual stream after this decoder layer
+    layer_ids: list = field(default_factory=lambda: [5, 6, 7])         # layers whose `params` are trained
+    params: list = field(default_factory=lambda: ["mlp.down_proj"])   # trained matrices inside each layer
+    masked_loss: bool = False             # MSE over real tokens but BOS (reference: every position)
+    cache_gib: float = 2.0                # cache of recurring trunk activations / frozen targets (0: off)
+
+
+@dataclass
+class NPOConfig(UnlearnConfig):
+    """NPO, GradDiff, SimNPO as the coreset paper's WMDP runs."""
+    lr: float = 1e-5
+    adam_eps: float = 1e-8
+    hf_adam_eps: bool = False
+    warmup: float = 0.1
+    lr_schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    steps: int | None = 500
+    beta: float = 0.1
+    gamma: float = 1.0                    # retain term weight
+    delta: float = 0.0                    # SimNPO margin
+    retain_loss: str = "gd"               # gd (CE) | kl (KL(ref || current)) | none
+    npo_mean_tokens: bool = True          # token-mean log-probs (the WMDP runs); False: summed (NPO paper, MUSE)
+    chunk_tokens: int = 0                 # split documents into pieces of N tokens (MUSE); 0: truncate
+
+
+LIST_FIELDS = {"forget": str, "retain": str, "eval_tasks": str, "forget_max_len": int, "steering_coeffs": float,
+               "alpha": float, "layer_ids": int, "params": str}
+# data/toy/defaults.json may spell a few keys as the reference's flags do
+TOY_KEY_ALIASES = {"steering_coeff": "steering_coeffs", "max_len": "forget_max_len", "retain_len": "retain_max_len",
+                   "eps": "adam_eps", "max_num_steps": "max_num_batches", "retain_coeff": "gamma"}
+
+
+def config_class(method):
+    if method not in METHODS:
+        raise ConfigError(f"--method: unknown method {method!r} (expected one of {', '.join(METHODS)})")
+    return RMUConfig if method == "rmu" else NPOConfig
+
+
+def is_toy(model_dir) -> bool:
+    try:
+        return Path(model_dir).resolve() == TOY_MODEL.resolve()
+    except OSError:
+        return False
+
+
+def toy_defaults(method) -> dict:
+    """data/toy/defaults.json's values for this method: {"rmu": {...}, "npo": {...}} (or a flat dict, RMU).
+    Keys as the config's fields (reference spellings accepted); notes and results in the file are skipped."""
+    path = TOY_DIR / "defaults.json"
+    if not path.is_file():  # the reference's 7B values do nothing useful on an 8-layer toy: refuse, do not guess
+        raise ConfigError(f"{path}: missing; it holds the toy model's tuned hyperparameters (restore it with git)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if any(k in raw for k in METHODS + ("npo_family",)):
+        sect = raw.get(method) or raw.get("rmu" if method == "rmu" else "npo") or raw.get("npo_family") or {}
+    else:
+        sect = raw if method == "rmu" else {}
+    known = {f.name for f in fields(config_class(method))}
+    out = {}
+    for k, v in sect.items():
+        k = k.replace("-", "_")
+        k = TOY_KEY_ALIASES.get(k, k)
+        if k in known:
+            out[k] = v
+    return out
+
+
+def method_defaults(method, model=None) -> dict:
+    """The defaults of `method` for `model`: the reference recipe (the dataclass), then the toy's own values when
+    `model` is the embedded toy. Lists parsed. This is what every caller that needs a method's settings without a
+    run (GraNd-RMU scoring its control vectors, the sweep) reads."""
+    cls = config_class(method)
+    values = {f.name: getattr(cls(), f.name) for f in fields(cls)}
+    if is_toy(model or TOY_MODEL):
+        values.update(toy_defaults(method))
+    return _parse_lists(values)
+
+
+def _parse_lists(values: dict) -> dict:
+    for k, conv in LIST_FIELDS.items():
+        v = values.get(k)
+        if v is None:
+            continue
+        if isinstance(v, (list, tuple)):
+            values[k] = [conv(x) for x in v]
+        elif k == "eval_tasks" and str(v).strip().lower() in ("", "none"):
+            values[k] = []
+        else:
+            values[k] = split_list(v, f"--{k.replace('_', '-')}", conv)
+    return values
+
+
+def resolve(overrides: dict):
+    """The one place a run's configuration is decided: method_defaults, then `overrides`; then checked.
+    -> RMUConfig or NPOConfig with every field set (steps may stay None: RMU's rule needs the corpora)."""
+    method = overrides.get("method") or "rmu"
+    cls = config_class(method)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        every = {f.name for f in fields(RMUConfig)} | {f.name for f in fields(NPOConfig)}
+        other = [k for k in unknown if k in every]
+        if other:
+            raise ConfigError(f"--{other[0].replace('_', '-')}: not a setting of --method {method}")
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
+    model = str(overrides.get("model") or TOY_MODEL)
+    toy = is_toy(model)
+    if toy and not (TOY_MODEL / "config.json").is_file():
+        raise ConfigError(f"{TOY_MODEL}: the embedded toy model is not built; run `make toy`")
+    values = method_defaults(method, model)
+    values.update(_parse_lists({k: v for k, v in overrides.items() if v is not None}))
+    values["method"], values["model"] = method, model
+    toy_paths = {"forget": [str(TOY_DIR / "forget_corpus.jsonl")], "retain": [str(TOY_DIR / "retain_corpus.jsonl")],
+                 "data": str(TOY_DIR), "eval_tasks": list(TOY_TASKS)}
+    for k, v in toy_paths.items():
+        if values.get(k) is None:
+            if toy:
+                values[k] = v
+            elif k in ("forget", "retain"):
+                raise ConfigError(f"--{k}: required unless --model is the embedded toy ({TOY_MODEL})")
+            else:
+                values[k] = "." if k == "data" else []
+    cfg = cls(**values)
+    check(cfg)
+    return cfg
+
+
+def _fail(flag, value, expected):
+    raise ConfigError(f"--{flag.replace('_', '-')} {value}: expected {expected}")
+
+
+def check(cfg):
+    """Every numeric and list setting against its math; the model's own shape for layer ids. Raises ConfigError."""
+    if cfg.ratio is not None:
+        r = cfg.ratio
+        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+            _fail("ratio", r, "a fraction in (0, 1] or a document count > 1")
+        if r > 1 and r != int(r):
+            _fail("ratio", r, "a whole number (above 1 it is a document count)")
+    if cfg.coreset is not None and cfg.ratio is not None:
+        raise ConfigError("--coreset and --ratio: give one of them")
+    for k in ("batch_size", "grad_accum", "eval_batch_size", "retain_max_len"):
+        if int(getattr(cfg, k)) < 1:
+            _fail(k, getattr(cfg, k), "an integer >= 1")
+    if cfg.retain_max_len < 2:
+        _fail("retain_max_len", cfg.retain_max_len, "at least 2 tokens (one input, one target)")
+    if any(n < 2 for n in cfg.forget_max_len):
+        _fail("forget_max_len", ",".join(map(str, cfg.forget_max_len)), "at least 2 tokens per document (one target)")
+    if cfg.steps is not None and int(cfg.steps) < 1:
+        _fail("steps", cfg.steps, "an integer >= 1")
+    if cfg.eval_limit is not None and int(cfg.eval_limit) < 1:
+        _fail("eval_limit", cfg.eval_limit, "an integer >= 1 (leave it out to evaluate every question)")
+    if cfg.min_chars < 0:
+        _fail("min_chars", cfg.min_chars, "an integer >= 0")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        _fail("lr", cfg.lr, "a number > 0")
+    if not cfg.adam_eps > 0:
+        _fail("adam_eps", cfg.adam_eps, "a number > 0")
+    if cfg.weight_decay < 0:
+        _fail("weight_decay", cfg.weight_decay, "a number >= 0")
+    if cfg.warmup < 0:
+        _fail("warmup", cfg.warmup, "steps >= 1, a fraction in [0, 1), or 0")
+    if cfg.lr_schedule not in ("constant", "linear", "cosine"):
+        _fail("lr_schedule", cfg.lr_schedule, "constant, linear or cosine")
+    if not cfg.max_grad_norm >= 0:
+        _fail("max_grad_norm", cfg.max_grad_norm, "a number > 0, or 0 for no clipping")
+    if cfg.dtype not in (None, "float32", "bfloat16", "float16"):
+        _fail("dtype", cfg.dtype, "float32, bfloat16 or float16")
+    if len(cfg.retain) not in (1, len(cfg.forget)):
+        raise ConfigError(f"--retain: expected one file or one per forget file ({len(cfg.forget)}), "
+                          f"got {len(cfg.retain)}")
+    cfg.device = resolve_device(cfg.device)
+    if isinstance(cfg, RMUConfig):
+        _check_rmu(cfg)
+    else:
+        _check_npo(cfg)
+
+
+def model_layers(model_dir) -> int | None:
+    """num_hidden_layers from config.json (None when it cannot be read: loading the model reports that)."""
+    try:
+        return int(json.loads((Path(model_dir) / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_rmu(cfg):
+    if cfg.max_num_batches < 1:
+        _fail("max_num_batches", cfg.max_num_batches, "an integer >= 1")
+    if not cfg.layer_ids:
+        _fail("layer_ids", "''", "at least one layer")
+    if not cfg.params:
+        _fail("params", "''", "at least one trained matrix, e.g. mlp.down_proj")
+    if any(a < 0 or not math.isfinite(a) for a in cfg.alpha):
+        _fail("alpha", ",".join(map(str, cfg.alpha)), "numbers >= 0")
+    if any(c <= 0 or not math.isfinite(c) for c in cfg.steering_coeffs):
+        _fail("steering_coeffs", ",".join(map(str, cfg.steering_coeffs)), "numbers > 0")
+    if cfg.cache_gib < 0:
+        _fail("cache_gib", cfg.cache_gib, "a number >= 0")
+    n = model_layers(cfg.model)
+    if n is not None and not 0 <= cfg.layer_id < n:
+        _fail("layer_id", cfg.layer_id, f"a layer of the model (0..{n - 1})")
+    if max(cfg.layer_ids) > cfg.layer_id or min(cfg.layer_ids) < 0:
+        raise ConfigError(f"--layer-ids {','.join(map(str, cfg.layer_ids))}: expected layers in 0..--layer-id "
+                          f"({cfg.layer_id}); later layers cannot change the steered activation")
+
+
+def _check_npo(cfg):
+    if not (cfg.beta > 0 and math.isfinite(cfg.beta)):
+        _fail("beta", cfg.beta, "a number > 0")
+    if cfg.gamma < 0:
+        _fail("gamma", cfg.gamma, "a number >= 0")
+    if cfg.retain_loss not in ("gd", "kl", "none"):
+        _fail("retain_loss", cfg.retain_loss, "gd, kl or none")
+    if cfg.chunk_tokens < 0 or cfg.chunk_tokens == 1:
+        _fail("chunk_tokens", cfg.chunk_tokens, "0 (truncate) or a piece length >= 2")
+
+
+# ----------------------------------------------------------------------------------------------- optimizer, schedule
+
+class HFAdamW(torch.optim.Optimizer):
+    """AdamW for the two things torch.optim.AdamW cannot do: hf_eps (eps added to the uncorrected sqrt(v), as
+    transformers.AdamW, which the RMU reference uses: a different update for small v) and fp32_state (fp32
+    moments and fp32 master weights for bf16/fp16 parameters: a bf16 weight loses updates below half its ulp)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, hf_eps=False, fp32_state=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hf_eps=hf_eps,
+                                      fp32_state=fp32_state))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    sdt = torch.float32 if g["fp32_state"] else p.dtype
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, dtype=sdt)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt)
+                    if g["fp32_state"] and p.dtype != torch.float32:
+                        st["master"] = p.detach().float().clone()
+                st["step"] += 1
+                t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
+                w = st.get("master", p)
+                grad = p.grad.to(m.dtype)
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+                if g["hf_eps"]:
+                    denom, step_size = v.sqrt().add_(eps), lr * math.sqrt(bc2) / bc1
+                else:
+                    denom, step_size = (v.sqrt() / math.sqrt(bc2)).add_(eps), lr / bc1
+                if wd:
+                    w.mul_(1 - lr * wd)
+                w.addcdiv_(m, denom, value=-step_size)
+                if w is not p:
+                    p.copy_(w)
+
+
+
+def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup` steps (>= 1) or that fraction
+    of the steps (< 1), then constant, linear decay to 0, or cosine decay to min_frac * base."""
+    w = int(round(warmup * steps)) if 0 < warmup < 1 else int(warmup)
+    if w and step < w:
+        return base * (step + 1) / w
+    if schedule == "constant":
+        return base
+    prog = (step - w) / max(1, steps - w)
+    if schedule == "linear":
+        return base * (1 - prog)
+    return base * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def describe(cfg) -> str:
+    """The resolved configuration as JSON (what --print-config shows)."""
+    from dataclasses import asdict
+    return json.dumps({"config": type(cfg).__name__, **asdict(cfg)}, indent=2)
+
+
+__all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "method_defaults",
+           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW"]

@@ -1,0 +1,99 @@
+"""methods.py: the one function that resolves a run's settings (reference recipe, then the toy's, then the caller's),
+its checks, and --print-config."""
+import json
+
+import pytest
+
+import methods
+import unlearn
+from infra import TOY_MODEL, ProjectError
+
+
+@pytest.fixture
+def fake_toy(tmp_path, monkeypatch):
+    """A toy directory with its own defaults.json, standing in for data/toy."""
+    toy = tmp_path / "toy"
+    (toy / "model").mkdir(parents=True)
+    (toy / "model" / "config.json").write_text(json.dumps({"num_hidden_layers": 8}))
+    (toy / "defaults.json").write_text(json.dumps({
+        "note": "x", "rmu": {"layer_id": 4, "layer_ids": [2, 3, 4], "steering_coeff": 20.0, "alpha": 100.0, "lr": 0.001,
+                             "steps": 100, "batch_size": 4, "max_len": 128, "masked_loss": True},
+        "npo": {"beta": 0.1, "lr": 0.0001, "steps": 100, "max_len": 128, "retain_coeff": 2.0}}))
+    monkeypatch.setattr(methods, "TOY_DIR", toy)
+    monkeypatch.setattr(methods, "TOY_MODEL", toy / "model")
+    return toy
+
+
+def test_toy_defaults_file_is_honoured(fake_toy, tmp_path):
+    toy = fake_toy
+    a = methods.resolve({"model": str(toy / "model")})
+    assert (type(a), a.layer_id, a.layer_ids, a.steering_coeffs, a.alpha, a.lr, a.steps, a.forget_max_len) == \
+        (methods.RMUConfig, 4, [2, 3, 4], [20.0], [100.0], 1e-3, 100, [128])
+    assert a.forget == [str(toy / "forget_corpus.jsonl")] and a.eval_tasks == ["toy_hazard", "toy_general"]
+    assert a.masked_loss is True and a.fp32_optimizer_state is False
+    assert methods.resolve({"model": str(toy / "model"), "masked_loss": False}).masked_loss is False  # --no-x wins
+    a = methods.resolve({"model": str(toy / "model"), "method": "npo", "lr": 5e-5})
+    assert (type(a), a.gamma, a.lr, a.steps, a.beta) == (methods.NPOConfig, 2.0, 5e-5, 100, 0.1)  # explicit wins
+    (tmp_path / "m").mkdir()
+    a = methods.resolve({"model": str(tmp_path / "m"), "forget": "f", "retain": "r"})
+    assert (a.layer_id, a.steering_coeffs, a.alpha, a.lr, a.eval_tasks, a.steps) == (7, [6.5], [1200.0], 5e-5, [], None)
+    assert a.masked_loss is False and a.hf_adam_eps is True  # the reference's unmasked loss, transformers' AdamW eps
+    (toy / "defaults.json").unlink()  # no silent fallback to the 7B values on the toy
+    with pytest.raises(methods.ConfigError, match="defaults.json: missing"):
+        methods.resolve({"model": str(toy / "model")})
+
+
+def test_npo_defaults_are_the_coreset_papers_wmdp_recipe():
+    """The script alone gives what `make wmdp-npo` gives: token-mean log-probs are NPOConfig's default."""
+    d = methods.method_defaults("npo", "/some/real/model")
+    assert (d["npo_mean_tokens"], d["beta"], d["lr"], d["steps"], d["warmup"], d["retain_loss"]) == \
+        (True, 0.1, 1e-5, 500, 0.1, "gd")
+    assert methods.resolve({"method": "npo"}).npo_mean_tokens is True
+
+
+def test_print_config_shows_the_resolved_settings(capsys):
+    cfg = unlearn.main(["--print-config", "--method", "npo", "--ratio", "0.05", "--lr", "2e-3"])
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["config"] == "NPOConfig" and shown["lr"] == 2e-3 and shown["ratio"] == 0.05
+    assert shown["model"] == str(TOY_MODEL) and shown["steps"] == cfg.steps
+
+
+def test_grand_reads_the_same_defaults_as_training():
+    from coreset import SelectConfig, grand_rmu_settings
+    cfg = methods.resolve({})
+    assert grand_rmu_settings(SelectConfig(model=str(TOY_MODEL))) == (cfg.layer_id, cfg.layer_ids, cfg.steering_coeffs)
+
+
+@pytest.mark.parametrize("overrides,msg", [
+    ({"method": "ga"}, "--method: unknown method 'ga'"),
+    ({"ratio": 0}, "--ratio 0: expected"),
+    ({"ratio": 2.5}, "whole number"),
+    ({"max_grad_norm": -1}, "--max-grad-norm -1"),
+    ({"method": "npo", "beta": -1}, "--beta -1"),
+    ({"method": "npo", "beta": 0}, "--beta 0"),
+    ({"alpha": "-30"}, "--alpha -30"),
+    ({"warmup": -5}, "--warmup -5"),
+    ({"forget_max_len": "0"}, "--forget-max-len 0"),
+    ({"eval_limit": 0}, "--eval-limit 0"),
+    ({"eval_limit": -3}, "--eval-limit -3"),
+    ({"layer_id": 99}, "--layer-id 99: expected a layer of the model (0..7)"),
+    ({"layer_ids": ""}, "--layer-ids: expected at least one value"),
+    ({"params": ""}, "--params: expected at least one value"),
+    ({"layer_ids": "1,x"}, "--layer-ids '1,x': expected comma-separated integers"),
+    ({"method": "npo", "chunk_tokens": -5}, "--chunk-tokens -5"),
+    ({"device": "tpu9"}, "--device 'tpu9'"),
+    ({"method": "npo", "layer_id": 3}, "--layer-id: not a setting of --method npo"),
+    ({"batch_size": 0}, "--batch-size 0"),
+])
+def test_bad_settings_are_one_line_errors_before_any_work(overrides, msg):
+    with pytest.raises(ProjectError) as e:
+        methods.resolve(overrides)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cuda_device_without_gpu_is_refused():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ProjectError, match="--device cuda: no CUDA GPU"):
+        methods.resolve({"device": "cuda"})
