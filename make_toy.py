@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from data import mc_prompt
-from infra import TOY_DIR, atomic_write_json, atomic_write_lines
+from infra import TOY_DIR, ProjectError, atomic_write_json, atomic_write_lines, cli_main
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(
@@ -235,7 +235,7 @@ def train_tokenizer(texts, vocab_size, out_dir):
         ctx = tok.encode("Answer:").ids
         full = tok.encode("Answer: " + L).ids
         if full[:len(ctx)] != ctx or len(full) != len(ctx) + 1:
-            raise SystemExit(f"make_toy: tokenizer: ' {L}' after 'Answer:' is not a single token")
+            raise ProjectError(f"tokenizer: ' {L}' after 'Answer:' is not a single token")
     return tok
 
 
@@ -327,7 +327,7 @@ def train_model(args, quiz, docs, encode, cfg_dict, log=print):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if not math.isfinite(loss.item()):
-            raise SystemExit(f"make_toy: training loss is {loss.item()} at step {step}")
+            raise ProjectError(f"training loss is {loss.item()} at step {step}")
         if step % 50 == 0 or step == args.steps - 1:
             last = torch.tensor([len(s) - 2 for s in seqs[n_doc:]])
             mc_loss = nll[n_doc:][torch.arange(n_mc), last].mean().item() if n_mc else float("nan")
@@ -342,7 +342,7 @@ def train_model(args, quiz, docs, encode, cfg_dict, log=print):
 
 
 # ----------------------------------------------------------------------------- main
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for k, v in DEFAULTS.items():
@@ -351,9 +351,14 @@ def main():
     p.add_argument("--skip-control", action="store_true",
                    help="do not train the control model (same recipe without the forget corpus)")
     p.add_argument("--eval-every", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    return cli_main("make_toy", build, args)
+
+
+def build(args):
+    """The CLI's work: the benchmark files, then (unless --data-only) the tokenizer, the model and its control."""
     if args.scale <= 0:
-        raise SystemExit(f"make_toy: --scale must be > 0, got {args.scale}")
+        raise ProjectError(f"--scale {args.scale}: expected a number > 0")
     t_start = time.time()
     world, forget, retain, hq, gq = write_data(args.out, args.seed, args.scale)
     print(f"make_toy: wrote {len(forget)} forget docs, {len(retain)} retain docs, {len(hq)} hazard and "

@@ -29,6 +29,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 import time
 
 from data import (BIO_FORGET, BIO_FORGET_HOWTO, BIO_RETAIN, CYBER_FORGET, CYBER_RETAIN, MUSE_DIRS, MUSE_FILES,
@@ -245,8 +246,9 @@ def main(argv=None, download=hub_download):
     except DataError as e:
         raise SystemExit(f"data/fetch.py: {e}") from None
     except KeyboardInterrupt:
-        raise SystemExit("data/fetch.py: interrupted; files already written are complete, the rest is not there "
-                         "(rerun to continue)") from None
+        print("data/fetch.py: interrupted; files already written are complete, the rest is not there (rerun to "
+              "continue)", file=sys.stderr)
+        raise SystemExit(130) from None
     atomic_write_json(os.path.join(args.data, "fetch.json"), dict(info, time_s=round(time.time() - t0, 1),
                                                                   results=report))
 

@@ -263,3 +263,20 @@ def _umask():
     u = os.umask(0)
     os.umask(u)
     return u
+
+
+def test_ctrl_c_in_make_toy_and_fetch_is_exit_130(tmp_path, monkeypatch, capsys):
+    import make_toy
+    from data import fetch
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(make_toy, "write_data", interrupted)
+    with pytest.raises(SystemExit) as e:
+        make_toy.main(["--data-only", "--out", str(tmp_path / "toy")])
+    assert e.value.code == 130
+    with pytest.raises(SystemExit) as e:
+        fetch.main(["--data", str(tmp_path / "D"), "--parts", "wmdp", "--model", ""], download=interrupted)
+    assert e.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("interrupted" in line for line in err)
