@@ -53,7 +53,7 @@ import losses
 import methods
 import model as model_io
 from infra import (TOY_DIR, TOY_MODEL, ProjectError, atomic_write_json, atomic_write_lines, check_output, cli_main,
-                   per_topic, run_info, split_list)
+                   parse_ratio, per_topic, run_info, split_list)
 
 # ----------------------------------------------------------------------------------------------- defaults
 METHODS = ("random", "loss", "zlib", "mink", "minkpp", "grand", "moderate", "keywords")
@@ -68,19 +68,6 @@ class CoresetError(ProjectError):
 
 
 # ----------------------------------------------------------------------------------------------- ratios
-
-def parse_ratio(ratio, flag="--ratio"):
-    """A fraction in (0, 1] or a whole count > 1. -> float"""
-    try:
-        r = float(ratio)
-    except (TypeError, ValueError):
-        raise CoresetError(f"{flag} {ratio!r}: expected a number (a fraction in (0, 1] or a document count > 1)") from None
-    if not math.isfinite(r) or r <= 0:
-        raise CoresetError(f"{flag} {ratio}: expected a fraction in (0, 1] or a document count > 1")
-    if r > 1 and r != int(r):
-        raise CoresetError(f"{flag} {ratio}: above 1 it is a document count and must be a whole number")
-    return r
-
 
 def coreset_size(ratio, n):
     """Documents to keep out of n: round(ratio * n) for a fraction, min(ratio, n) for a count; >= 1."""

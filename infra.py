@@ -9,12 +9,14 @@
     run_info                what every run records next to its outputs (arguments, versions, machine, time)
     default_dtype, resolve_device   bf16 on a GPU, fp32 on a CPU; a device name checked before any work
     split_list, per_topic   comma/space lists from flags; one value per topic (the last repeats)
+    parse_ratio             a coreset ratio flag: a fraction, or a document count
     progress_bar            tqdm with a rate
     ROOT, TOY_DIR           the project's own paths (the embedded default resolves here, not against the cwd)
 
 No torch at import time: data/ imports this module and promises not to need torch.
 """
 import json
+import math
 import os
 import platform
 import re
@@ -180,12 +182,13 @@ def _git_commit():
 
 def run_info(args=None) -> dict:
     """What every run records next to its outputs: arguments, versions, machine, start time."""
-    import torch
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    versions = {}
+    for name in ("torch", "triton"):  # optional here: data/fetch.py records runs without needing torch
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    torch = sys.modules.get("torch")
     if hasattr(args, "__dataclass_fields__"):
         from dataclasses import asdict
         args = asdict(args)
@@ -194,10 +197,10 @@ def run_info(args=None) -> dict:
     return {
         "args": args,
         "argv": sys.argv,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-                     "git_commit": _git_commit()},
+        "versions": {"python": platform.python_version(), **versions, "git_commit": _git_commit()},
         "host": platform.node(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if torch is not None and torch.cuda.is_available()
+        else f"cpu ({os.cpu_count()} cores)",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -263,6 +266,19 @@ def split_list(s, flag, conv=str, allow_empty=False) -> list:
     except ValueError:
         kind = {int: "integers", float: "numbers"}.get(conv, "values")
         raise ProjectError(f"{flag} {s!r}: expected comma-separated {kind}") from None
+
+
+def parse_ratio(ratio, flag="--ratio") -> float:
+    """A coreset ratio flag: a fraction in (0, 1] or a whole document count > 1. -> float"""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ProjectError(f"{flag} {ratio!r}: expected a number (a fraction in (0, 1] or a document count > 1)") from None
+    if not math.isfinite(r) or r <= 0:
+        raise ProjectError(f"{flag} {ratio}: expected a fraction in (0, 1] or a document count > 1")
+    if r > 1 and r != int(r):
+        raise ProjectError(f"{flag} {ratio}: above 1 it is a document count and must be a whole number")
+    return r
 
 
 def per_topic(values, n) -> list:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from infra import TOY_DIR, TOY_MODEL, ProjectError, resolve_device, split_list
+from infra import TOY_DIR, TOY_MODEL, ProjectError, parse_ratio, resolve_device, split_list
 
 METHODS = ("rmu", "npo", "graddiff", "simnpo")
 TOY_TASKS = ["toy_hazard", "toy_general"]
@@ -215,11 +215,7 @@ def _fail(flag, value, expected):
 def check(cfg):
     """Every numeric and list setting against its math; the model's own shape for layer ids. Raises ConfigError."""
     if cfg.ratio is not None:
-        r = cfg.ratio
-        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
-            _fail("ratio", r, "a fraction in (0, 1] or a document count > 1")
-        if r > 1 and r != int(r):
-            _fail("ratio", r, "a whole number (above 1 it is a document count)")
+        parse_ratio(cfg.ratio)
     if cfg.coreset is not None and cfg.ratio is not None:
         raise ConfigError("--coreset and --ratio: give one of them")
     for k in ("batch_size", "grad_accum", "eval_batch_size", "retain_max_len"):

@@ -17,7 +17,7 @@ import torch
 from data import MUSE_TASKS, mc_prompt
 from evaluate import CHOICE_LETTERS, DEFAULTS, EvalError, argmax_first, load_mc_task, mc_loglikelihoods, mc_requests
 from loglik import scoring_bar
-from infra import ProjectError, atomic_write_json, cli_main, run_info
+from infra import ProjectError, atomic_write_json, cli_main, resolve_dtype, run_info
 from model import load
 
 
@@ -85,7 +85,7 @@ def bench(args, device=None):
     except ImportError:
         raise ProjectError("bench-eval needs transformers (the harness's model class): pip install transformers") from None
     cuda = torch.device(device).type == "cuda"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     tasks = [t for t in args.tasks.split(",") if t and t not in MUSE_TASKS]
     if not tasks:
         raise EvalError("--tasks: bench-eval needs at least one multiple-choice task")

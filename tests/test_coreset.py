@@ -68,7 +68,7 @@ def test_ratio_semantics():
     assert C.coreset_size(3, 10) == 3              # above 1: a count
     assert C.coreset_size(50, 10) == 10            # ... capped at the file's size
     for bad in (0, -0.5, 2.5, "x", float("nan")):
-        with pytest.raises(C.CoresetError):
+        with pytest.raises(ProjectError, match="--ratio"):
             C.parse_ratio(bad)
 
 
