@@ -388,6 +388,12 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
         c = losses.control_vector(model.config.hidden_size, per_topic(coeffs, n_files)[file_index], cfg.seed,
                                   file_index, model.lm_head_weight.dtype)
         params, masked = grand_rmu_loss_terms(cfg)
+        for name in params:
+            try:
+                model.model.layers[layer_ids[0]].get_submodule(name)
+            except AttributeError:
+                raise CoresetError(f"--params {name}: no such matrix in a decoder layer (expected e.g. mlp.down_proj, "
+                                   "self_attn.o_proj)") from None
         return grand_scores(model, tok, docs, cfg.grand_loss, layer_id, layer_ids, c, cfg.max_length,
                             cfg.batch_size, cfg.progress, params=params, bos_id=tok.bos_token_id if masked else None)
     if cfg.method == "moderate":

@@ -475,6 +475,9 @@ def test_sweep_overrides():
     (["--method", "loss", "--ratio", "0.1", "--model", "/nonexistent/model"], "/nonexistent/model"),
     (["--method", "grand", "--ratio", "0.1", "--layer-id", "5", "--layer-ids", "1"], "--layer-id 5"),
     (["--method", "grand", "--ratio", "0.1", "--layer-id", "2", "--layer-ids", "1,x"], "--layer-ids"),
+    (["--method", "grand", "--ratio", "0.1", "--layer-id", "2", "--layer-ids", "1", "--params", "mlp.nope"],
+     "--params mlp.nope: no such matrix"),
+    (["--method", "grand", "--ratio", "0.1", "--layer-id", "2", "--layer-ids", "1", "--params", ""], "--params"),
 ])
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path, argv, msg):
     argv = argv + ["--out", str(tmp_path / "x.jsonl")]
