@@ -13,8 +13,9 @@ Then every value is checked against its math (beta > 0, layer ids inside the mod
 a bad value is a one-line ConfigError naming the flag. `python unlearn.py --print-config [flags]` prints the
 result; unlearn.run records it in run.json.
 
-Also here, the recipes' shared pieces: lr_at (the learning-rate schedule, make_toy.py's too) and HFAdamW, the small
-AdamW for what torch.optim.AdamW cannot do (unlearn.build picks torch's otherwise).
+Also here, the recipes' shared pieces: the reference's data order (schedule: topics interleaved, the retain batch
+paired with the forget batch; reference_steps: RMU's step rule), lr_at (the learning-rate schedule, make_toy.py's
+too) and HFAdamW, the small AdamW for what torch.optim.AdamW cannot do (unlearn.build picks torch's otherwise).
 """
 import json
 import math
@@ -295,6 +296,30 @@ def _check_npo(cfg):
         _fail("chunk_tokens", cfg.chunk_tokens, "0 (truncate) or a piece length >= 2")
 
 
+# ----------------------------------------------------------------------------------------------- the reference's data order
+
+def schedule(steps, accum, n_topics, n_forget, n_retain, retain_of):
+    """Micro-batch plan: list over optimizer steps of lists of (topic, forget batch, retain file, retain batch).
+    Micro-batch m: topic m % n_topics, its k = m // n_topics-th batch, cycled over the topic's batches; the retain
+    batch of the same k (the reference's pairing) from retain file retain_of[topic]."""
+    plan = []
+    for s in range(steps):
+        micro = []
+        for j in range(accum):
+            m = s * accum + j
+            t, k = m % n_topics, m // n_topics
+            r = retain_of[t]
+            micro.append((t, k % n_forget[t], r, k % n_retain[r]))
+        plan.append(micro)
+    return plan
+
+
+def reference_steps(cfg, n_full_forget_docs, n_retain_docs):
+    """RMU's step count: min(max_num_batches, batches of the smallest forget file (full), of the smallest retain)."""
+    bs = cfg.batch_size
+    return min(cfg.max_num_batches, min(-(-n // bs) for n in n_full_forget_docs), min(-(-n // bs) for n in n_retain_docs))
+
+
 # ----------------------------------------------------------------------------------------------- optimizer, schedule
 
 class HFAdamW(torch.optim.Optimizer):
@@ -361,4 +386,4 @@ def describe(cfg) -> str:
 
 
 __all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "method_defaults",
-           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW"]
+           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW", "schedule", "reference_steps"]

@@ -102,28 +102,6 @@ class Batches:
         return self.tok.pad(self.tokens(b % self.n), self.side, pad_id=self.pad_id)   # (B, T) ids, mask
 
 
-def schedule(steps, accum, n_topics, n_forget, n_retain, retain_of):
-    """Micro-batch plan: list over optimizer steps of lists of (topic, forget batch, retain file, retain batch).
-    Micro-batch m: topic m % n_topics, its k = m // n_topics-th batch, cycled over the topic's batches; the retain
-    batch of the same k (the reference's pairing) from retain file retain_of[topic]."""
-    plan = []
-    for s in range(steps):
-        micro = []
-        for j in range(accum):
-            m = s * accum + j
-            t, k = m % n_topics, m // n_topics
-            r = retain_of[t]
-            micro.append((t, k % n_forget[t], r, k % n_retain[r]))
-        plan.append(micro)
-    return plan
-
-
-def reference_steps(cfg, n_full_forget_docs, n_retain_docs):
-    """RMU's step count: min(max_num_batches, batches of the smallest forget file (full), of the smallest retain)."""
-    bs = cfg.batch_size
-    return min(cfg.max_num_batches, min(-(-n // bs) for n in n_full_forget_docs), min(-(-n // bs) for n in n_retain_docs))
-
-
 # ----------------------------------------------------------------------------------------------- what trains
 
 def trainable(model, cfg) -> dict:
@@ -308,7 +286,7 @@ def train_rmu(cfg, model, tok, forget_sel, retain_docs, retain_of, train, opt, d
     pad = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id  # reference: pad = eos
     fb = [Batches(tok, docs, cfg.batch_size, max_lens[t], pad, "left") for t, docs in enumerate(forget_sel)]
     rb = [Batches(tok, docs, cfg.batch_size, cfg.retain_max_len, pad, "left") for docs in retain_docs]
-    plan = schedule(cfg.steps, cfg.grad_accum, n_topics, [len(b) for b in fb], [len(b) for b in rb], retain_of)
+    plan = methods.schedule(cfg.steps, cfg.grad_accum, n_topics, [len(b) for b in fb], [len(b) for b in rb], retain_of)
     dtype = model.lm_head_weight.dtype
     cvec = [losses.control_vector(model.config.hidden_size, coeffs[t], cfg.seed, t, dtype).to(device)
             for t in range(n_topics)]
@@ -349,7 +327,7 @@ def train_npo(cfg, model, tok, forget_sel, retain_docs, retain_of, train, opt, d
     pad, chunk = tok.pad_token_id, cfg.chunk_tokens
     fb = [Batches(tok, docs, cfg.batch_size, max_lens[t], pad, "right", chunk) for t, docs in enumerate(forget_sel)]
     rb = [Batches(tok, docs, cfg.batch_size, cfg.retain_max_len, pad, "right", chunk) for docs in retain_docs]
-    plan = schedule(cfg.steps, cfg.grad_accum, n_topics, [len(b) for b in fb], [len(b) for b in rb], retain_of)
+    plan = methods.schedule(cfg.steps, cfg.grad_accum, n_topics, [len(b) for b in fb], [len(b) for b in rb], retain_of)
     ref, ref_h, W_ref = {}, {}, None  # reference quantities, once, before any update
     if cfg.method == "npo":
         for t, f in sorted({(t, f) for micro in plan for t, f, _, _ in micro}):
@@ -422,7 +400,7 @@ def run(cfg, given=None) -> dict:
     sel = select(cfg, forget_docs)
     forget_sel = [[docs[i] for i in idx] for docs, idx in zip(forget_docs, sel)]
     if cfg.steps is None:  # RMU: the reference's count on the full forget set (a coreset is cycled)
-        cfg.steps = reference_steps(cfg, [len(d) for d in forget_docs], [len(d) for d in retain_docs])
+        cfg.steps = methods.reference_steps(cfg, [len(d) for d in forget_docs], [len(d) for d in retain_docs])
     torch.manual_seed(cfg.seed)
     model, tok = load(cfg.model, device, dtype)
     out = Path(cfg.out)

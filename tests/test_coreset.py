@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import coreset as C
+import doc_scores as D
 import coreset_sweep as S
 import data
 import helpers
@@ -155,24 +156,24 @@ def test_token_scores_equal_float64_reference(tiny):
     model = Transformer.from_pretrained(tiny["model"]).eval()
     tok = load_tokenizer(tiny["model"])
     docs = [json.loads(x)["text"] for x in Path(tiny["f1"]).read_text().splitlines()]
-    got = C.token_scores(model, tok, docs, batch_size=5, progress=False)
+    got = D.token_scores(model, tok, docs, batch_size=5, progress=False)
     for i, d in enumerate(docs):
         lp, mu, sd = direct_token_arrays(model, tok, d)
         if lp.size == 0:
-            assert all(math.isnan(got[m][i]) for m in C.TOKEN_METHODS)
+            assert all(math.isnan(got[m][i]) for m in D.TOKEN_METHODS)
             continue
         n = lp.size
         k = max(1, int(losses.MIN_K * n))
         loss = -lp.mean()
         ref = {"loss": loss, "zlib": loss / len(zlib.compress(tok.decode(tok.encode(d)).encode())),
                "mink": -np.sort(lp)[:k].mean(), "minkpp": -np.sort((lp - mu) / sd)[:k].mean()}
-        for m in C.TOKEN_METHODS:
+        for m in D.TOKEN_METHODS:
             assert got[m][i] == pytest.approx(ref[m], rel=1e-4, abs=1e-5), (m, i)
 
 
 def per_doc_grad_norm(model, tok, text, loss, c=None, layer_id=2, layer_ids=(1, 2)):
     """GraNd by plain autograd, one document at a time, no padding."""
-    mods = C.grand_targets(model, loss, layer_ids)
+    mods = D.grand_targets(model, loss, layer_ids)
     ws = [m.weight for m in mods]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -198,7 +199,7 @@ def test_grand_equals_per_document_autograd(tiny, loss):
     docs = [json.loads(x)["text"] for x in Path(tiny["f1"]).read_text().splitlines()]
     docs = [d for d in docs if len(tok.encode(d)) >= 2]
     c = losses.control_vector(model.config.hidden_size, 6.5, 0)
-    got = C.grand_scores(model, tok, docs, loss, 2, [1, 2], c, batch_size=4, progress=False)
+    got = D.grand_scores(model, tok, docs, loss, 2, [1, 2], c, batch_size=4, progress=False)
     ref = [per_doc_grad_norm(model, tok, d, loss, c) for d in docs]
     np.testing.assert_allclose(got, ref, rtol=1e-4)
 
@@ -207,10 +208,10 @@ def test_linear_grad_sq_gram_and_einsum_agree():
     torch.manual_seed(0)
     x, g = torch.randn(3, 5, 7), torch.randn(3, 5, 4)
     ref = torch.stack([(g[b].T @ x[b]).square().sum() for b in range(3)]).double()
-    torch.testing.assert_close(C.linear_grad_sq(x, g), ref, rtol=1e-5, atol=1e-6)        # einsum (T large)
+    torch.testing.assert_close(D.linear_grad_sq(x, g), ref, rtol=1e-5, atol=1e-6)        # einsum (T large)
     x, g = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     ref = torch.stack([(g[b].T @ x[b]).square().sum() for b in range(2)]).double()
-    torch.testing.assert_close(C.linear_grad_sq(x, g), ref, rtol=1e-5, atol=1e-6)        # Gram (T small)
+    torch.testing.assert_close(D.linear_grad_sq(x, g), ref, rtol=1e-5, atol=1e-6)        # Gram (T small)
 
 
 def test_moderate_equals_numpy(tiny, tmp_path):
@@ -222,9 +223,9 @@ def test_moderate_equals_numpy(tiny, tmp_path):
                           for d in docs])
     dist = np.sqrt(((feats - feats.mean(0)) ** 2).sum(1))
     ref = np.abs(dist - np.median(dist))
-    got = C.pooled_features(model, tok, docs, -1, batch_size=4, progress=False)
+    got = D.pooled_features(model, tok, docs, -1, batch_size=4, progress=False)
     np.testing.assert_allclose(got, feats, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(C.moderate_scores(got), ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(D.moderate_scores(got), ref, rtol=1e-4, atol=1e-6)
     C.select(sel_args(tiny, tmp_path / "m.jsonl", method="moderate", ratio="3", forget=tiny["f2"]))
     picked = [x["index"] for x in read_lines(tmp_path / "m.jsonl")]
     assert picked == sorted(np.argsort(ref, kind="stable")[:3].tolist())

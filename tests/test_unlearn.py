@@ -338,10 +338,10 @@ def test_ratio_draws_the_same_documents_as_coreset_random(tiny, tmp_path):
 
 
 def test_schedule_cycles_and_interleaves():
-    plan = U.schedule(7, 1, 2, [1, 3], [4], [0, 0])
+    plan = methods.schedule(7, 1, 2, [1, 3], [4], [0, 0])
     assert [m[0] for m in plan] == [(0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 1), (0, 0, 0, 2),
                                     (1, 2, 0, 2), (0, 0, 0, 3)]
-    plan = U.schedule(2, 3, 1, [2], [5, 5], [0])
+    plan = methods.schedule(2, 3, 1, [2], [5, 5], [0])
     assert [len(m) for m in plan] == [3, 3] and [x[1] for m in plan for x in m] == [0, 1, 0, 1, 0, 1]
 
 
