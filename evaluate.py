@@ -236,6 +236,17 @@ def load_mc_task(task, data_dir, limit=None):
     return name, items, topic
 
 
+def task_files(tasks, data_dir) -> list:
+    """The question files of the multiple-choice tasks among `tasks` (names or paths), each read now so that a typo
+    fails before any work. MUSE tasks read directories, not one file, and are left out."""
+    files = []
+    for t in tasks:
+        if t not in MUSE_TASKS:
+            load_mc_task(t, data_dir, 1)
+            files.append(resolve_task(t, data_dir)[1])
+    return files
+
+
 def evaluate_mc(model, tok, items, topic=None, batch_size=32, progress=True, bos=None, desc="mc", ll_dtype="model",
                 batch_tokens=None):
     """Score one multiple-choice set -> (results dict, samples list)."""
@@ -429,7 +440,7 @@ def run(args):
         hint = " (build the embedded default with `make toy`)" if args.model == DEFAULTS["model"] else ""
         raise EvalError(f"--model {args.model}: not a directory (expected a Hugging Face checkpoint dir){hint}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    inputs = [args.model] + [resolve_task(t, args.data)[1] for t in tasks if t not in MUSE_TASKS]
+    inputs = [args.model] + task_files(tasks, args.data)
     check_output(args.out, inputs, "--out", kind="file", ours=is_previous_results, overwrite=args.overwrite,
                  name="evaluate")
     info = run_info(args)

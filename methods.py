@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from infra import TOY_DIR, TOY_MODEL, ProjectError, parse_ratio, resolve_device, split_list
+from infra import TOY_DIR, TOY_MODEL, ProjectError, parse_ratio, resolve_device, resolve_dtype, split_list
 
 METHODS = ("rmu", "npo", "graddiff", "simnpo")
 TOY_TASKS = ["toy_hazard", "toy_general"]
@@ -219,7 +219,7 @@ def check(cfg):
         parse_ratio(cfg.ratio)
     if cfg.coreset is not None and cfg.ratio is not None:
         raise ConfigError("--coreset and --ratio: give one of them")
-    for k in ("batch_size", "grad_accum", "eval_batch_size", "retain_max_len"):
+    for k in ("batch_size", "grad_accum", "eval_batch_size"):
         if int(getattr(cfg, k)) < 1:
             _fail(k, getattr(cfg, k), "an integer >= 1")
     if cfg.retain_max_len < 2:
@@ -244,8 +244,7 @@ def check(cfg):
         _fail("lr_schedule", cfg.lr_schedule, "constant, linear or cosine")
     if not cfg.max_grad_norm >= 0:
         _fail("max_grad_norm", cfg.max_grad_norm, "a number > 0, or 0 for no clipping")
-    if cfg.dtype not in (None, "float32", "bfloat16", "float16"):
-        _fail("dtype", cfg.dtype, "float32, bfloat16 or float16")
+    resolve_dtype(cfg.dtype, "cpu")  # the one dtype-name check (infra)
     if len(cfg.retain) not in (1, len(cfg.forget)):
         raise ConfigError(f"--retain: expected one file or one per forget file ({len(cfg.forget)}), "
                           f"got {len(cfg.retain)}")

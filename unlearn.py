@@ -43,7 +43,7 @@ import coreset
 import evaluate
 import losses
 import methods
-from data import read_corpora, resolve_task
+from data import read_corpora
 from infra import (ProjectError, atomic_write_json, check_output, cli_main, is_run_dir, peak_memory, per_topic, progress_bar,
                    resolve_dtype, run_info, staged_dir)
 from model import TOKENIZER_FILES, load
@@ -386,8 +386,7 @@ def run(cfg, given=None) -> dict:
     when everything, the evaluation after training included, has finished; until then the previous run stays."""
     t_start = time.time()
     methods.check(cfg)
-    tasks = [evaluate.load_mc_task(t, cfg.data, 1) for t in cfg.eval_tasks if not t.startswith("muse_")]  # typos
-    inputs = [cfg.model, *cfg.forget, *cfg.retain, cfg.coreset] + [resolve_task(t, cfg.data)[1] for t, _, _ in tasks]
+    inputs = [cfg.model, *cfg.forget, *cfg.retain, cfg.coreset] + evaluate.task_files(cfg.eval_tasks, cfg.data)
     check_output(cfg.out, inputs, "--out", ours=is_previous_run, overwrite=cfg.overwrite, name="unlearn")
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

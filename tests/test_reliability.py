@@ -79,6 +79,17 @@ def test_an_output_may_not_be_an_input(case, tmp_path, toy_inputs):
     assert snapshot(TOY_DIR) == toy_inputs and snapshot(questions) == before
 
 
+def test_a_question_file_outside_data_is_an_input_and_a_task(tmp_path):
+    """An evaluation task given as a path outside --data: evaluated (reported under its stem) and protected."""
+    questions = tmp_path / "myq.jsonl"
+    shutil.copy(TOY_DIR / "toy_hazard.jsonl", questions)
+    rec = unlearn.main(QUICK[:4] + ["--eval-tasks", str(questions), "--eval-limit", "2", "--no-progress",
+                                    "--out", str(tmp_path / "run")])
+    assert rec["eval"]["after"]["myq"]["n"] == 2
+    msg = one_line_error(unlearn.main, QUICK + ["--eval-tasks", str(questions), "--out", str(questions)])
+    assert "is the input" in msg
+
+
 def test_an_output_containing_an_input_is_refused(tmp_path):
     cs = tmp_path / "run" / "coreset.jsonl"  # the old Makefile layout: the coreset inside the run directory
     coreset.main(["--ratio", "0.05", "--out", str(cs), "--no-progress"])
