@@ -15,9 +15,10 @@ PIP   := -m pip install -q --disable-pip-version-check
 MODEL ?=
 DATA  ?=
 RATIO ?= 0.05
-SEED  ?= 0
+SEED  ?= 42
 SELECT ?= random
 STEPS ?=
+EPOCHS ?=
 OUT   ?= runs
 
 ifeq ($(DATA),)
@@ -32,9 +33,11 @@ else
   WMDP_TASKS  := wmdp_bio,wmdp_cyber,mmlu
 endif
 MODEL_DIR := $(if $(MODEL),$(MODEL),data/toy/model)
-STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)
+# the budget (budget.py): STEPS=N optimizer steps or EPOCHS=E passes over the run's forget set; neither: the method's
+# rule (RMU: the reference's, min(150, batches of the full forget set); NPO family: 500 steps)
+STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)$(if $(EPOCHS), --epochs $(EPOCHS),)
 
-.PHONY: setup test test-slow test-fast lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select
+.PHONY: setup test test-slow test-fast lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve
 
 setup: $(SETUP)
 
@@ -58,7 +61,7 @@ test-slow: $(SETUP)
 	$(PY) -m pytest tests -m slow
 
 test-fast: $(SETUP)
-	$(PY) -m pytest tests -m "not slow and not real and not harness"
+	$(PY) -m pytest tests -m "not slow and not real and not harness and not make"
 
 # Move the lock forward on purpose: resolve the newest versions of requirements.in in a scratch venv, run the
 # test suite against them, and only then write requirements.lock (torch's local build tag dropped, so the
@@ -90,8 +93,10 @@ bench-eval: $(SETUP)
 	$(PY) -m benches.eval_speed --model $(MODEL_DIR) --data $(DATA_DIR) --tasks $(WMDP_TASKS) --limit $(LIMIT)
 
 # --- unlearning (unlearn.py; owner: issue 4) -----------------------------------------------------
-# make wmdp-rmu RATIO=0.05 [MODEL=DIR DATA=DIR SELECT=random SEED=0 STEPS=N UNLEARN_FLAGS="--lr 1e-5 ..."]
-# SELECT=random draws the coreset inside unlearn.py (--ratio); any other SELECT runs coreset.py first.
+# make wmdp-rmu RATIO=0.05 [MODEL=DIR DATA=DIR SELECT=random SEED=42 STEPS=N|EPOCHS=E UNLEARN_FLAGS="--lr 1e-5 ..."]
+# SELECT=random draws the coreset inside unlearn.py (--ratio); any other SELECT runs coreset.py first (GraNd with
+# the loss of the method being run; keywords: the documents reduced to their keywords against the retain corpus,
+# trained on under the same budget as the full forget set).
 # Each run writes $(OUT)/<target>-<select>-r<ratio>-s<seed>/{run.json,model/} (a rerun replaces it as a whole) and
 # prints the before/after table; a selected coreset goes beside it, <run dir>.coreset.jsonl.
 UNLEARN_FLAGS ?=
@@ -106,6 +111,7 @@ define unlearn
 	  echo "+ coreset.py --method $(SELECT) --ratio $(RATIO) --seed $(SEED)"; \
 	  $(PY) coreset.py --method $(SELECT) --model $(MODEL_DIR) --forget $(2) --ratio $(RATIO) --seed $(SEED) \
 	    $(if $(filter grand,$(SELECT)),--grand-loss $(if $(filter rmu,$(1)),rmu,npo),) \
+	    $(if $(filter keywords,$(SELECT)),--retain $(3),) \
 	    --out $(CORESET_FILE) || exit $$?; fi
 	$(PY) unlearn.py --method $(1) --model $(MODEL_DIR) --forget $(2) --retain $(3) \
 	  $(if $(filter random,$(SELECT)),--ratio $(RATIO),--coreset $(CORESET_FILE)) \
@@ -126,8 +132,11 @@ bench-unlearn: $(SETUP)
 	$(PY) -m benches.unlearn_step
 
 # --- coreset sweep (coreset_sweep.py: select, unlearn, evaluate per cell; table + plot; reruns skip finished cells)
-#   make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2" [MODEL= DATA= STEPS=]
-#     -> $(OUT)/sweep-<method>-<select>/results.{md,json,png}
+#   make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2" BUDGET=equal-steps [EPOCHS=1]
+#     -> $(OUT)/sweep-<method>-<select>-<budget>/results.{md,json,png}
+#   BUDGET=equal-steps: every ratio trains the full set's steps (EPOCHS passes over the full forget set, default 1;
+#   small coresets are cycled: the paper's "sufficiently extended"); equal-epochs: every ratio EPOCHS passes over
+#   its own set; STEPS=N: N steps for every cell.
 #   make sweep-select METHOD=rmu RATIO=0.05 SELECTS="random loss zlib mink minkpp grand moderate" SEEDS="0 1 2"
 #     -> $(OUT)/sweep-select-<method>-r<ratio>/results.{md,json,png}
 # SWEEP_FLAGS adds coreset_sweep.py flags (e.g. --docs docs/coreset_sweep, --keep-models, --select-args "...").
@@ -137,12 +146,25 @@ SEEDS   ?= 0 1 2
 SELECTS ?= random loss zlib mink minkpp grand moderate
 SWEEP_FLAGS ?=
 SWEEP_UNLEARN = $(strip $(UNLEARN_FLAGS))
+BUDGET  ?= equal-steps
 SWEEP_COMMON = --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
-  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" $(STEPS_FLAG) \
+  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
   $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
 
 sweep: $(SETUP)
-	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)
+	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)-$(BUDGET)
 
 sweep-select: $(SETUP)
-	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)
+	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)-$(BUDGET)
+
+# --- budget curve (budget_curve.py): forget and utility accuracy against training steps, for the full forget set
+# and a RATIO coreset, evaluated every EVERY steps inside one run each; table + plot.
+#   make budget-curve METHOD=rmu RATIO=0.05 [STEPS=N | EPOCHS=E (of the full set, default 1)] EVERY=K
+#     -> $(OUT)/budget-curve-<method>-r<ratio>/results.{md,json,png}
+EVERY ?=
+CURVE_FLAGS ?=
+budget-curve: $(SETUP)
+	$(PY) budget_curve.py --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
+	  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
+	  $(if $(EVERY),--every $(EVERY),) $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(CURVE_FLAGS) \
+	  --out $(OUT)/budget-curve-$(METHOD)-r$(RATIO)

@@ -4,6 +4,7 @@ read by `unlearn.py --coreset FILE`:
     python coreset.py --method random --forget data/toy/forget_corpus.jsonl --ratio 0.05 --seed 0 --out cs.jsonl
     python coreset.py --method mink --model data/toy/model --forget F1.jsonl,F2.jsonl --ratio 0.05 --out cs.jsonl
     -> cs.jsonl  {"file": <forget path as given>, "index": <0-based index in data.read_corpus(file)>, "score": float|null}
+                 (keywords: also "text", the document reduced to its keywords, which unlearn.py trains on)
        cs.json   run record: arguments, versions, device, per-file counts, timings
 
 --ratio: a fraction of each forget file's documents (0 < r <= 1, Python's round) or above 1 a document count per
@@ -30,7 +31,9 @@ Methods (selection keeps the `--order` end; ties to the lower index; a document 
             an informative Dirichlet prior (Monroe, Colaresi & Quinn 2008; strength --prior-frac x the pooled
             word count); keywords have z >= --min-z and >= --min-count uses, no English function words (unless
             --keep-stopwords), at most --max-keywords. --out becomes a forget corpus, each document reduced to
-            its keywords (one file per forget file when there are several). --ratio (default 1) samples first.
+            its keywords: a coreset file whose lines carry the reduced "text" (unlearn.py --coreset trains on it,
+            budgeted against the full forget set). --ratio (default 1) samples first; documents without a keyword
+            are left out.
 
 Scoring runs in bf16 on a GPU and fp32 on the CPU (--dtype overrides), on the model's tokens truncated to
 --max-length, right-padded, batched by length. The coreset sweep is coreset_sweep.py.
@@ -98,21 +101,25 @@ def run_json_path(out):
 
 
 def write_coreset(path, selected):
-    """selected: list of (file, index, score or None) -> JSON Lines in the coreset format."""
+    """selected: list of (file, index, score or None[, text]) -> JSON Lines in the coreset format; a line with a
+    text (a keyword-only forget set) trains on that text in place of the document."""
     def clean(s):
         return None if s is None or not math.isfinite(float(s)) else float(s)
-    atomic_write_lines(path, [json.dumps({"file": f, "index": int(i), "score": clean(s)}) for f, i, s in selected])
+    atomic_write_lines(path, [json.dumps({"file": f, "index": int(i), "score": clean(s), **({"text": x[0]} if x else {})})
+                              for f, i, s, *x in selected])
 
 
-def read_coreset(path, forget_files, sizes) -> list:
-    """A coreset file -> sorted index list per forget file. Every line must name one of the forget files (as given,
-    or the same file by path) with an in-range, unique index; every forget file must keep a document."""
+def read_coreset(path, forget_files, sizes, with_texts=False):
+    """A coreset file -> sorted index list per forget file (with_texts: and per forget file {index: text} of the
+    lines that carry their own "text", a keyword-only forget set's). Every line must name one of the forget files
+    (as given, or the same file by path) with an in-range, unique index; every forget file must keep a document."""
     path = str(path)
     if not os.path.isfile(path):
         raise CoresetError(f"--coreset: missing file {path}")
     by_name = {f: i for i, f in enumerate(forget_files)}
     by_real = {os.path.realpath(f): i for i, f in enumerate(forget_files)}
     sel = [set() for _ in forget_files]
+    texts = [{} for _ in forget_files]
     for where, obj in data.jsonl_records(path):
         if not isinstance(obj.get("file"), str) or isinstance(obj.get("index"), bool) or \
                 not isinstance(obj.get("index"), int):
@@ -129,10 +136,14 @@ def read_coreset(path, forget_files, sizes) -> list:
         if i in sel[t]:
             raise CoresetError(f"{where}: duplicate index {i} for {forget_files[t]}")
         sel[t].add(i)
+        if "text" in obj:
+            if not isinstance(obj["text"], str) or not obj["text"].strip():
+                raise CoresetError(f"{where}: expected 'text' to be a non-empty string")
+            texts[t][i] = obj["text"]
     for t, s_ in enumerate(sel):
         if not s_:
             raise CoresetError(f"{path}: selects no document of forget file {forget_files[t]}")
-    return [sorted(s_) for s_ in sel]
+    return ([sorted(s_) for s_ in sel], texts) if with_texts else [sorted(s_) for s_ in sel]
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -199,6 +210,9 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
     """Scores (n,) of one forget file's documents under cfg.method (None for random)."""
     if cfg.method in TOKEN_METHODS:
         return token_scores(model, tok, docs, cfg.max_length, cfg.batch_size, cfg.mink_k, cfg.progress)[cfg.method]
+    if cfg.method == "grand" and cfg.grand_loss == "npo":   # every projection of every layer: no RMU settings
+        return grand_scores(model, tok, docs, "npo", max_length=cfg.max_length, batch_size=cfg.batch_size,
+                            progress=cfg.progress)
     if cfg.method == "grand":
         layer_id, layer_ids, coeffs = grand_rmu_settings(cfg)
         n_layers = model.config.num_hidden_layers
@@ -254,12 +268,11 @@ def is_previous_selection(path) -> bool:
 def check_outputs(cfg, forget):
     """The output policy (infra.check_output) for --out and, with several forget files, the keyword files."""
     out = Path(cfg.out)
-    outs = [out] if cfg.method != "keywords" or len(forget) == 1 else \
-        [out.with_name(f"{out.stem}.{Path(p).stem}.jsonl") for p in forget]
+    outs = [out]
     inputs = [*forget, *split_list(cfg.retain.split(","), "--retain")] + ([cfg.model] if cfg.method not in
                                                                           ("random", "keywords") else [])
     mine = lambda p: is_previous_selection(out)
-    for o in outs + [Path(run_json_path(outs[0] if len(outs) == 1 else out))]:
+    for o in outs + [Path(run_json_path(out))]:
         check_output(o, inputs, "--out", kind="file", ours=mine, overwrite=cfg.overwrite, name="coreset")
 
 
@@ -304,8 +317,8 @@ def select(cfg, model=None, tok=None, cache=None):
     record.update(method=cfg.method, order=order, ratio=float(parse_ratio(cfg.ratio)), files=files,
                   coreset=str(cfg.out), selected=len(selected))
     if cfg.method == "grand":
-        record["grand"] = dict(zip(("layer_id", "layer_ids", "steering_coeffs"), grand_rmu_settings(cfg)),
-                               loss=cfg.grand_loss)
+        record["grand"] = {"loss": cfg.grand_loss} if cfg.grand_loss == "npo" else \
+            dict(zip(("layer_id", "layer_ids", "steering_coeffs"), grand_rmu_settings(cfg)), loss="rmu")
     record["timings"]["total_s"] = time.time() - t0
     atomic_write_json(run_json_path(cfg.out), record)
     return record
@@ -320,30 +333,31 @@ def _stats(scores):
 
 
 def keywords_run(cfg, forget, corpora, record, t0):
+    """Keyword-only forget set: per forget file, keywords against the retain corpus, each (sampled) document
+    reduced to them; written as a coreset file whose lines carry the reduced text."""
     try:
         retain = [d for docs in data.read_corpora(split_list(cfg.retain.split(","), "--retain"), cfg.min_chars)
                   for d in docs]
     except data.DataError as e:
         raise CoresetError(f"--retain: {e}") from None
-    out = Path(cfg.out)
-    outs = [out] if len(forget) == 1 else [out.with_name(f"{out.stem}.{Path(p).stem}.jsonl") for p in forget]
-    files = []
-    for fi, (path, docs, o) in enumerate(zip(forget, corpora, outs)):
-        if cfg.ratio is not None:
-            keep = random_indices(len(docs), coreset_size(cfg.ratio, len(docs)), cfg.seed, fi)
-            docs = [docs[i] for i in keep]
-        kws = losses.extract_keywords(docs, retain, cfg.prior_frac, cfg.min_z, cfg.min_count, cfg.max_keywords,
-                               frozenset() if cfg.keep_stopwords else losses.STOPWORDS)
+    files, selected = [], []
+    for fi, (path, docs) in enumerate(zip(forget, corpora)):
+        keep = range(len(docs)) if cfg.ratio is None else \
+            sorted(random_indices(len(docs), coreset_size(cfg.ratio, len(docs)), cfg.seed, fi).tolist())
+        kws = losses.extract_keywords([docs[i] for i in keep], retain, cfg.prior_frac, cfg.min_z, cfg.min_count,
+                                      cfg.max_keywords, frozenset() if cfg.keep_stopwords else losses.STOPWORDS)
         kwset = {w for w, _, _ in kws}
-        texts = [t for t in (losses.keyword_document(d, kwset) for d in docs) if t]
-        if not texts:
+        lines = [(path, i, None, t) for i in keep if (t := losses.keyword_document(docs[i], kwset))]
+        if not lines:
             raise CoresetError(f"--forget {path}: no keywords found (try a lower --min-z or --min-count)")
-        atomic_write_lines(o, [json.dumps({"text": t}) for t in texts])
-        files.append({"file": path, "out": str(o), "documents": len(docs), "written": len(texts),
+        selected += lines
+        files.append({"file": path, "documents": len(docs), "sampled": len(keep), "selected": len(lines),
                       "keywords": [{"word": w, "z": round(z, 3), "count": c} for w, z, c in kws]})
-    record.update(method="keywords", forget_out=",".join(str(o) for o in outs), files=files)
+    write_coreset(cfg.out, selected)
+    record.update(method="keywords", ratio=float(parse_ratio(cfg.ratio if cfg.ratio is not None else 1)),
+                  files=files, coreset=str(cfg.out), selected=len(selected))
     record["timings"]["total_s"] = time.time() - t0
-    atomic_write_json(run_json_path(outs[0] if len(outs) == 1 else out), record)
+    atomic_write_json(run_json_path(cfg.out), record)
     return record
 
 
@@ -360,7 +374,7 @@ def build_parser():
     p.add_argument("--retain", default=d.retain, help="retain corpus file(s) (keywords only)")
     p.add_argument("--ratio", default=None, help="fraction (0, 1] or count > 1 per forget file (default 1 for keywords)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="coreset .jsonl (keywords: the keyword forget set)")
+    p.add_argument("--out", default=d.out, help="coreset .jsonl (keywords: lines carry the reduced text)")
     p.add_argument("--order", choices=["high", "low"], default=None, help="keep the highest or lowest scores "
                    "(default: low for loss/zlib/mink/minkpp/moderate, high for grand)")
     p.add_argument("--min-chars", type=int, default=d.min_chars, help="data.read_corpus min_chars (as unlearn.py's)")
@@ -389,14 +403,11 @@ def build_parser():
 
 
 def report_selection(rec):
-    if rec["method"] == "keywords":
-        for f in rec["files"]:
-            print(f"{f['file']}: {len(f['keywords'])} keywords, {f['written']}/{f['documents']} documents -> {f['out']}")
-        print(f"unlearn with: --forget {rec['forget_out']}")
-    else:
-        for f in rec["files"]:
-            print(f"{f['file']}: {f['selected']}/{f['documents']} documents ({rec['method']})")
-        print(f"wrote {rec['coreset']} and {run_json_path(rec['coreset'])} in {rec['timings']['total_s']:.1f}s")
+    for f in rec["files"]:
+        kws = f", reduced to {len(f['keywords'])} keywords" if rec["method"] == "keywords" else ""
+        print(f"{f['file']}: {f['selected']}/{f['documents']} documents ({rec['method']}{kws})")
+    print(f"wrote {rec['coreset']} and {run_json_path(rec['coreset'])} in {rec['timings']['total_s']:.1f}s; "
+          f"unlearn with: --coreset {rec['coreset']}")
     return rec
 
 

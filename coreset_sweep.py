@@ -6,15 +6,20 @@ coreset (coreset.py), unlearn on it (unlearn.run, in process) and evaluate; then
         --retain data/toy/retain_corpus.jsonl --tasks toy_hazard,toy_general --out runs/sweep
     (make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2")
 
+The budget policy (--budget), the same for every cell of a sweep and recorded in each:
+  equal-steps   every ratio trains the full forget set's optimizer steps: --epochs E (default 1) passes over the
+                full set; smaller coresets are cycled (the paper's "provided training is sufficiently extended").
+  equal-epochs  every ratio trains --epochs E passes over its own set (fewer steps for smaller coresets).
+  --steps N     N steps for every cell.
 Each cell, in cells/<select>_r<ratio>_s<seed>/: a coreset in selection/coreset.jsonl (ratio 1 = the full set, none;
---select keywords: unlearn on the keyword-only forget set of a random `ratio` of the documents instead), then
-unlearning at a fixed number of steps (the seed is both the selection's and the unlearning's; GraNd scores with the
-very control vectors that cell trains with) into run/, then the tasks (the base model's evaluation is cached in
+--select keywords: a random `ratio` of the documents, each reduced to its keywords), then unlearning under the
+budget (the seed is both the selection's and the unlearning's; GraNd scores with the loss, and for RMU the very
+control vectors, that the cell trains with) into run/, then the tasks (the base model's evaluation is cached in
 cells/.eval_cache). Each cell's result.json is written atomically when it is done; a rerun skips cells that have
 one. Checkpoints are not kept (--keep-models keeps them in run/model). Then results.json / results.md (mean +- sample std over
 seeds per (selection, ratio), and the base model) and results.png (accuracy against ratio with error bars on a
 log ratio axis; a bar chart per selection method when there is one ratio and several methods); --docs PREFIX
-copies the three to PREFIX.{md,json,png}.
+copies the three to PREFIX.{md,json,png}. The table shows each row's steps, epochs and documents seen.
 """
 import argparse
 import json
@@ -27,15 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
+import budget
 import coreset
 import data
 import evaluate
 import methods
 import unlearn
 from coreset import CoresetError, coreset_size
+from data import UTILITY_TASKS
 from infra import TOY_DIR, TOY_MODEL, atomic_write_json, atomic_write_lines, cli_main, run_info, split_list
 
-UTILITY_TASKS = ("mmlu", "toy_general", "wikitext")   # tasks that measure retained utility (the others: forget)
+BUDGETS = ("equal-steps", "equal-epochs")
 
 
 def build_parser():
@@ -55,8 +62,11 @@ def build_parser():
     p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
     p.add_argument("--utility-tasks", default=",".join(UTILITY_TASKS),
                    help="tasks that measure retained utility (the others are forget tasks)")
-    p.add_argument("--steps", type=int, default=None, help="unlearning steps (default: unlearn.py's, the same for "
-                   "every ratio: a coreset is cycled)")
+    p.add_argument("--budget", default="equal-steps", choices=list(BUDGETS),
+                   help="equal-steps: every ratio trains the full set's steps (E epochs of it); equal-epochs: E "
+                   "epochs of its own set")
+    p.add_argument("--epochs", type=float, default=1.0, help="E of the budget policy")
+    p.add_argument("--steps", type=int, default=None, help="N steps for every cell (overrides --budget)")
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags, e.g. \"--lr 1e-4 --batch-size 4\"")
     p.add_argument("--select-args", default="", help="extra selection flags, e.g. \"--mink-k 0.2 --order high\"")
@@ -78,16 +88,28 @@ def full_set(ratio, sizes):
     return all(coreset_size(ratio, n) == n for n in sizes)
 
 
-def unlearn_overrides(args, seed, cdir, forget=None, coreset_file=None) -> dict:
-    """The settings of one cell's unlearning run (methods.resolve fills the rest; --unlearn-args add to them)."""
-    ov = {"method": args.method, "model": args.model, "forget": forget or args.forget, "retain": args.retain,
+def unlearn_overrides(args, seed, cdir, coreset_file=None, cell_budget=None) -> dict:
+    """The settings of one cell's unlearning run (methods.resolve fills the rest; --unlearn-args add to them, the
+    cell's budget comes last)."""
+    ov = {"method": args.method, "model": args.model, "forget": args.forget, "retain": args.retain,
           "seed": seed, "out": str(cdir / "run"), "eval_cache_dir": str(cdir.parent / ".eval_cache"),
-          "data": args.data, "eval_tasks": args.tasks,
-          "eval_batch_size": args.eval_batch_size, "steps": args.steps, "eval_limit": args.eval_limit,
-          "device": args.device, "save": args.keep_models, "progress": not args.no_progress, "coreset": coreset_file}
+          "data": args.data, "eval_tasks": args.tasks, "eval_batch_size": args.eval_batch_size,
+          "eval_limit": args.eval_limit, "device": args.device, "save": args.keep_models,
+          "progress": not args.no_progress, "coreset": coreset_file}
     ov = {k: v for k, v in ov.items() if v is not None}
     ov.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    ov.update(cell_budget or {})
     return ov
+
+
+def cell_budget(args, sizes) -> dict:
+    """The budget every cell trains under: {"steps": N} or {"epochs": E} (see the module docstring)."""
+    if args.steps is not None:
+        return {"steps": args.steps}
+    if args.budget == "equal-epochs":
+        return {"epochs": args.epochs}
+    ucfg = methods.resolve(unlearn_overrides(args, 0, Path(args.out) / "cells" / "budget"))
+    return {"steps": budget.epoch_steps(args.epochs, ucfg.batch_size, ucfg.grad_accum, sizes)}
 
 
 def select_overrides(s) -> dict:
@@ -97,23 +119,24 @@ def select_overrides(s) -> dict:
     return {k: v for k, v in given.items() if v != defaults[k]}
 
 
-def run_cell(args, sel, ratio, seed, sizes, cache):
-    """One (selection, ratio, seed) cell: select, unlearn.run, evaluate. Returns the cell's result dict."""
+def run_cell(args, sel, ratio, seed, sizes, cache, spend):
+    """One (selection, ratio, seed) cell: select, unlearn.run (under the budget `spend`), evaluate. Returns the
+    cell's result dict."""
     cdir = Path(args.out) / "cells" / cell_name(sel, ratio, seed)
     t0 = time.time()
-    coreset_file, selection, forget = None, None, None
+    coreset_file, selection = None, None
     common = dict(forget=args.forget, retain=args.retain, ratio=f"{ratio:g}", seed=seed, device=args.device,
                   progress=not args.no_progress)
-    if sel == "keywords":   # the keyword-only forget set of a random `ratio` of the documents
-        scfg = coreset.SelectConfig(method="keywords", out=str(cdir / "selection" / "keywords.jsonl"),
+    if sel == "keywords":   # a random `ratio` of the documents, each reduced to its keywords
+        scfg = coreset.SelectConfig(method="keywords", out=str(cdir / "selection" / "coreset.jsonl"),
                                     **{**common, **select_overrides(args.select_args)})
         selection = coreset.select(scfg)
-        forget = selection["forget_out"]
+        coreset_file = scfg.out
     elif not full_set(ratio, sizes):
         # random included: the same documents as unlearn.py --ratio (coreset.random_indices), written for the record
         extra = {}
         if sel == "grand":  # score with the gradients of the loss this cell trains, its control vectors included
-            ucfg = methods.resolve(unlearn_overrides(args, seed, cdir))
+            ucfg = methods.resolve(unlearn_overrides(args, seed, cdir, cell_budget=spend))
             extra = {"grand_loss": "rmu" if args.method == "rmu" else "npo"}
             if args.method == "rmu":
                 extra.update(layer_id=ucfg.layer_id, layer_ids=",".join(map(str, ucfg.layer_ids)),
@@ -123,21 +146,35 @@ def run_cell(args, sel, ratio, seed, sizes, cache):
                                     **{**common, **extra, **select_overrides(args.select_args)})
         selection = coreset.select(scfg, cache=cache)
         coreset_file = str(cdir / "selection" / "coreset.jsonl")
-    given = unlearn_overrides(args, seed, cdir, forget, coreset_file)
+    given = unlearn_overrides(args, seed, cdir, coreset_file, spend)
     rec = unlearn.run(methods.resolve(given), given=given)
     ev = rec.get("eval") or {}
     result = {
-        "select": sel, "ratio": ratio, "seed": seed, "method": args.method,
+        "select": sel, "ratio": ratio, "seed": seed, "method": args.method, "policy": spend,
         "n_docs": rec.get("coreset", {}).get("n_docs", sizes),
         "n_selected": rec.get("coreset", {}).get("n_selected"),
-        "coreset": coreset_file, "forget": forget or args.forget,
+        "coreset": coreset_file, "forget": args.forget,
         "selection_s": None if selection is None else selection["timings"].get("total_s"),
-        "steps": rec.get("steps"), "train_s": rec.get("train_s"), "time_s": round(time.time() - t0, 3),
+        "steps": rec.get("steps"), "epochs": rec["budget"]["epochs"],
+        "docs_seen": [f["docs_seen"] for f in rec["budget"]["forget"]], "eval_settings": ev.get("settings"),
+        "train_s": rec.get("train_s"), "time_s": round(time.time() - t0, 3),
         "before": evaluate.task_metrics(ev.get("before")), "after": evaluate.task_metrics(ev.get("after")),
         "unlearn_args": rec.get("args"),
     }
     atomic_write_json(cdir / "result.json", result)
     return result
+
+
+def finished(cdir, spend) -> bool:
+    """A cell with a result.json under this budget; one under another budget is an error (a sweep's table must
+    compare one policy)."""
+    f = cdir / "result.json"
+    if not f.is_file():
+        return False
+    got = json.loads(f.read_text()).get("policy")
+    if got != spend:
+        raise CoresetError(f"{f}: finished under budget {got}, this sweep's is {spend}; use another --out")
+    return True
 
 
 def mean_std(xs):
@@ -166,6 +203,7 @@ def aggregate(cells, utility_tasks):
         cs = sorted(cs, key=lambda c: c["seed"])
         row = {"select": sel, "ratio": ratio, "seeds": [c["seed"] for c in cs],
                "n_selected": cs[0].get("n_selected"), "n_docs": cs[0].get("n_docs"),
+               "steps": cs[0].get("steps"), "epochs": cs[0].get("epochs"),
                "time_s": float(np.mean([c["time_s"] for c in cs])), "metrics": {}}
         for m in metrics:
             vals = [c["after"].get(m) for c in cs]
@@ -195,16 +233,20 @@ def _quote(a):
 def markdown_table(agg, title, notes=()):
     ms = agg["forget_metrics"] + agg["utility_metrics"]
     tag = {m: "forget" if m in agg["forget_metrics"] else "utility" for m in ms}
-    head = ["selection", "ratio", "docs"] + [f"{m} ({tag[m]})" for m in ms] + ["seeds", "time/cell"]
+    head = ["selection", "ratio", "docs", "steps", "epochs"] + [f"{m} ({tag[m]})" for m in ms] + ["seeds", "time/cell"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines.append("| base model | - | - | " + " | ".join(fmt_pct(agg["base"].get(m)) for m in ms) + " | - | - |")
+    lines.append("| base model | - | - | - | - | " + " | ".join(fmt_pct(agg["base"].get(m)) for m in ms) + " | - | - |")
     for r in agg["rows"]:
         docs = "+".join(str(n) for n in (r["n_selected"] or [])) or "-"
         vals = [fmt_pct(r["metrics"][m]["mean"], r["metrics"][m]["std"]) for m in ms]
-        lines.append(f"| {r['select']} | {ratio_label(r['ratio'])} | {docs} | " + " | ".join(vals)
+        ep = "-" if r.get("epochs") is None else f"{r['epochs']:.3g}"
+        lines.append(f"| {r['select']} | {ratio_label(r['ratio'])} | {docs} | {r.get('steps', '-')} | {ep} | "
+                     + " | ".join(vals)
                      + f" | {len(r['seeds'])} | {r['time_s']:.0f}s |")
     lines += ["", "Accuracy in % (mean ± sample std over seeds); base model = before unlearning; docs = selected "
-              "documents per forget file; time/cell = selection + unlearning + evaluation, mean over seeds.",
+              "documents per forget file; steps = optimizer steps; epochs = passes over the cell's own set (documents "
+              "drawn / selected, the least-covered forget file); time/cell = selection + unlearning + evaluation, "
+              "mean over seeds.",
               *notes]
     return "\n".join(lines) + "\n"
 
@@ -286,8 +328,9 @@ def report(args, sels, ratios, seeds, record, with_plot=True):
         raise CoresetError(f"--out {out}: no finished cells to report")
     agg = aggregate(cells, set(split_list(args.utility_tasks, "--utility-tasks")))
     what = f"{'/'.join(sels)} coresets" if len(sels) <= 2 else f"{len(sels)} selection methods"
+    policy = f"{args.steps} steps" if args.steps else f"{args.budget}, {args.epochs:g} epoch(s)"
     title = f"{args.method.upper()} on {Path(args.forget.split(',')[0]).parent.name or args.forget}: " \
-            f"{what}, {len(seeds)} seed(s), {cells[0].get('steps')} steps"
+            f"{what}, {len(seeds)} seed(s), {policy}"
     done = len(cells)
     total = len(sels) * len(ratios) * len(seeds)
     cell_s = sum(c["time_s"] for c in cells)
@@ -326,15 +369,17 @@ def sweep(args):
     out = Path(args.out)
     record = run_info(args)
     record["timings"] = {}
+    spend = cell_budget(args, sizes)
+    record["budget"] = {"policy": "steps" if args.steps else args.budget, "epochs": args.epochs, **spend}
     if not args.report_only:
         cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)
         grid = [(s, r, seed) for s in sels for r in ratios for seed in seeds]
-        todo = [g for g in grid if not (out / "cells" / cell_name(*g) / "result.json").is_file()]
+        todo = [g for g in grid if not finished(out / "cells" / cell_name(*g), spend)]
         print(f"coreset sweep: {len(grid)} cells, {len(grid) - len(todo)} done, {len(todo)} to run -> {out}")
         for i, (s, r, seed) in enumerate(todo):
             print(f"--- cell {i + 1}/{len(todo)}: select={s} ratio={r:g} seed={seed} "
                   f"({time.time() - t0:.0f}s elapsed)", flush=True)
-            run_cell(args, s, r, seed, sizes, cache)
+            run_cell(args, s, r, seed, sizes, cache, spend)
             report(args, sels, ratios, seeds, dict(record, timings={"total_s": time.time() - t0}), with_plot=False)
     record["timings"]["total_s"] = time.time() - t0
     return report(args, sels, ratios, seeds, record)

@@ -56,7 +56,7 @@ import torch
 import model as model_io
 from data import MUSE_DIRS, MUSE_TASKS, DataError, mc_prompt, read_mc, resolve_task
 from infra import TOY_DIR, TOY_MODEL, ProjectError, atomic_write_json, check_output, cli_main, run_info
-from loglik import encode_many, score_rows, split_context
+from loglik import BOS_RULES, EVAL_PRESETS, LL_DTYPES, encode_many, eval_settings, score_rows, split_context
 from muse_eval import evaluate_muse
 
 # ----------------------------------------------------------------------------------------------- defaults
@@ -356,8 +356,9 @@ def format_table(before, after, method, steps, train_s):
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
-def eval_key(model_dir, data_dir, tasks, limit, dtype):
-    """Cache key of an evaluation: model and task files (size, mtime), tasks, limit, dtype."""
+def eval_key(model_dir, data_dir, tasks, limit, dtype, bos=None, ll_dtype="model"):
+    """Cache key of an evaluation: model and task files (size, mtime), tasks, limit, dtype and the evaluator's
+    settings (BOS, log-softmax dtype): a changed setting never reuses a stale result."""
     files = [f for f in Path(model_dir).resolve().iterdir() if f.suffix in (".safetensors", ".json")]
     for t in tasks:  # the question files too: a regenerated benchmark must not hit an old entry
         if t in MUSE_TASKS:
@@ -368,24 +369,26 @@ def eval_key(model_dir, data_dir, tasks, limit, dtype):
         except DataError:  # missing: the evaluation itself reports it
             pass
     stamp = sorted((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file())
-    blob = json.dumps([stamp, list(tasks), limit, str(dtype)])
+    blob = json.dumps([stamp, list(tasks), limit, str(dtype), bos, ll_dtype])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def evaluate_cached(model, tok, model_dir, data_dir, tasks, limit, dtype, cache_dir=None, batch_size=32,
-                    progress=True, read_cache=True):
+                    progress=True, read_cache=True, bos=None, ll_dtype="model"):
     """evaluate_tasks' summary, from cache_dir/<eval_key>.json when there and read_cache, else computed (and then
     written there). cache_dir None: no cache. -> ({task: summary}, came from the cache?)"""
-    cache = Path(cache_dir) / f"{eval_key(model_dir, data_dir, tasks, limit, dtype)}.json" if cache_dir else None
+    key = eval_key(model_dir, data_dir, tasks, limit, dtype, bos, ll_dtype)
+    cache = Path(cache_dir) / f"{key}.json" if cache_dir else None
     if cache is not None and read_cache and cache.is_file():
         try:
             return json.loads(cache.read_text())["results"], True
         except (json.JSONDecodeError, KeyError):
             pass
-    res = summarize(evaluate_tasks(model, tok, data_dir, tasks, batch_size=batch_size, limit=limit, progress=progress))
+    res = summarize(evaluate_tasks(model, tok, data_dir, tasks, batch_size=batch_size, limit=limit, progress=progress,
+                                   bos=bos, ll_dtype=ll_dtype))
     if cache is not None:
         atomic_write_json(cache, {"model": str(Path(model_dir).resolve()), "tasks": list(tasks), "limit": limit,
-                                  "dtype": str(dtype), "results": res})
+                                  "dtype": str(dtype), "bos": bos, "ll_dtype": ll_dtype, "results": res})
     return res, False
 
 
@@ -407,16 +410,21 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d["dtype"])
     p.add_argument("--device", default=d["device"])
     p.add_argument("--auc-retrain", type=float, default=d["auc_retrain"], help="PrivLeak's AUC_retrain")
-    p.add_argument("--bos", choices=["config", "yes", "no"], default="config",
-                   help="BOS: as the tokenizer config says (lm-eval since PR #3347, Oct 2025), or forced (older lm-eval: no)")
-    p.add_argument("--ll-dtype", choices=["model", "float32"], default=d["ll_dtype"],
+    p.add_argument("--preset", choices=list(EVAL_PRESETS), default="current",
+                   help="evaluator settings: current (today's lm-eval: BOS as the tokenizer config says, log-softmax\n"
+                        "in the model's dtype) or wmdp-published (lm-eval 0.4.2 + transformers 4.38, behind the\n"
+                        "WMDP paper's numbers: no BOS except Gemma, fp32 log-softmax); --bos / --ll-dtype override")
+    p.add_argument("--bos", choices=list(BOS_RULES), default=None,
+                   help="BOS: as the tokenizer config says (lm-eval since PR #3347, Oct 2025), forced, or lm-eval\n"
+                        "0.4.2's rule (none, Gemma: yes); default: the preset's")
+    p.add_argument("--ll-dtype", choices=list(LL_DTYPES), default=None,
                    help="log-softmax dtype: the model's (what lm-eval's HF path reports with transformers >= 4.46:\n"
-                        "bf16-rounded log-likelihoods for a bf16 model) or fp32 (older transformers)")
+                        "bf16-rounded log-likelihoods for a bf16 model) or fp32 (older transformers); default: the\n"
+                        "preset's")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--allow-nonfinite", action="store_true", help="evaluate a checkpoint with NaN/inf weights")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that is not a previous results file")
     args = p.parse_args(argv)
-    args.bos = {"config": None, "yes": True, "no": False}[args.bos]
     if args.limit is not None and args.limit < 1:
         p.error("--limit: expected a positive integer")
     if args.batch_size < 1:
@@ -447,10 +455,11 @@ def run(args):
     t0 = time.time()
     model, tok = model_io.load(args.model, args.device, args.dtype, args.allow_nonfinite)
     load_s = time.time() - t0
+    settings = eval_settings(args.preset, args.bos, args.ll_dtype, args.model)
     res = evaluate_tasks(model, tok, args.data, args.tasks, args.batch_size, args.limit, not args.no_progress,
-                         args.auc_retrain, args.bos, args.ll_dtype, args.batch_tokens)
+                         args.auc_retrain, settings["bos"], settings["ll_dtype"], args.batch_tokens)
     dtype = model.lm_head_weight.dtype
-    record = dict(res, model=str(args.model), dtype=str(dtype).replace("torch.", ""),
+    record = dict(res, model=str(args.model), settings=settings, dtype=str(dtype).replace("torch.", ""),
                   device=str(model.lm_head_weight.device), load_s=load_s, run=info,
                   finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     atomic_write_json(args.out, record)

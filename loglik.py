@@ -3,12 +3,51 @@
 run only where needed, per-token log-probs, perplexity, and greedy generation decoded as MUSE decodes.
 evaluate.py (multiple choice) and muse_eval.py (MUSE) build on these; nothing here knows a task.
 """
+import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 
 from infra import ProjectError
+
+
+# ----------------------------------------------------------------------------------------------- evaluator settings
+
+# Two settings decide what a log-likelihood is (and both moved between harness releases): whether a BOS token
+# starts each request, and the dtype of the log-softmax. A preset names the combination behind a set of numbers.
+EVAL_PRESETS = {
+    # lm-eval >= 0.4.10 (PR #3347: the tokenizer's config decides BOS) with transformers >= 4.46 (logits stay in the
+    # model's dtype, so a bf16 model gives bf16 log-softmax): what `lm_eval` reports today
+    "current": {"bos": "config", "ll_dtype": "model"},
+    # lm-eval 0.4.2 with transformers 4.38 (the WMDP paper's numbers: zephyr 63.7 / 44.0 / 58.1): HFLM passed
+    # add_special_tokens=False (no BOS; True for model_type gemma) and LlamaForCausalLM upcast logits to fp32
+    "wmdp-published": {"bos": "lm-eval-0.4.2", "ll_dtype": "float32"},
+}
+BOS_RULES = ("config", "yes", "no", "lm-eval-0.4.2")
+LL_DTYPES = ("model", "float32")
+
+
+def eval_settings(preset="current", bos=None, ll_dtype=None, model_dir=None) -> dict:
+    """The evaluator's settings: the preset's, with bos / ll_dtype overriding when given (model_dir: whose
+    config.json's model_type lm-eval 0.4.2's BOS rule reads). -> {"preset", "bos_rule", "bos" (None: the
+    tokenizer's config; True/False: forced), "ll_dtype"}; a bad name is a ProjectError."""
+    if preset not in EVAL_PRESETS:
+        raise ProjectError(f"--eval-preset {preset}: expected one of {', '.join(EVAL_PRESETS)}")
+    rule = bos or EVAL_PRESETS[preset]["bos"]
+    ll = ll_dtype or EVAL_PRESETS[preset]["ll_dtype"]
+    if rule not in BOS_RULES:
+        raise ProjectError(f"--eval-bos {rule}: expected one of {', '.join(BOS_RULES)}")
+    if ll not in LL_DTYPES:
+        raise ProjectError(f"--eval-ll-dtype {ll}: expected one of {', '.join(LL_DTYPES)}")
+    if rule == "lm-eval-0.4.2":
+        try:
+            model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, TypeError):
+            model_type = None   # an unreadable config: loading the model reports it
+    forced = {"config": None, "yes": True, "no": False}.get(rule, rule == "lm-eval-0.4.2" and model_type == "gemma")
+    return {"preset": preset, "bos_rule": rule, "bos": forced, "ll_dtype": ll}
 
 
 # ----------------------------------------------------------------------------------------------- encoding

@@ -13,9 +13,10 @@ Then every value is checked against its math (beta > 0, layer ids inside the mod
 a bad value is a one-line ConfigError naming the flag. `python unlearn.py --print-config [flags]` prints the
 result; unlearn.run records it in run.json.
 
-Also here, the recipes' shared pieces: the reference's data order (schedule: topics interleaved, the retain batch
-paired with the forget batch; reference_steps: RMU's step rule), lr_at (the learning-rate schedule, make_toy.py's
-too) and HFAdamW, the small AdamW for what torch.optim.AdamW cannot do (unlearn.build picks torch's otherwise).
+The budget (--steps / --epochs / the reference's rule) and the data order are budget.py's. Also here: lr_at (the
+learning-rate schedule, make_toy.py's too), HFAdamW (what torch.optim.AdamW cannot do: the reference's eps rule and
+fp32 master weights; unlearn.build picks torch's otherwise) and memory_estimate (what a run needs, checked before
+the model loads).
 """
 import json
 import math
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
+from budget import ORDERS
 from infra import TOY_DIR, TOY_MODEL, ProjectError, parse_ratio, resolve_device, resolve_dtype, split_list
+from loglik import eval_settings
 
 METHODS = ("rmu", "npo", "graddiff", "simnpo")
 TOY_TASKS = ["toy_hazard", "toy_general"]
@@ -45,11 +48,17 @@ class UnlearnConfig:
     ratio: float | None = None            # random coreset: fraction (<= 1) or count (> 1) per forget file
     seed: int = 42                        # the reference's seed
     out: str = "runs/unlearn"
-    steps: int | None = None              # optimizer steps (None: the method's rule, see unlearn.py)
+    steps: int | None = None              # optimizer steps (None: --epochs, else the method's rule; budget.py)
+    epochs: float | None = None           # passes over the run's forget set (coreset or full); excludes --steps
+    order: str = "shuffle"                # shuffle: a seeded permutation per epoch | file: file order (reference)
     data: str | None = None               # DATA dir of the evaluation tasks (toy: data/toy)
     eval_tasks: list = None               # tasks evaluated before and after ([] skips; toy: toy_hazard, toy_general)
     eval_limit: int | None = None         # questions per task (None: all)
     eval_batch_size: int = 32
+    eval_preset: str = "current"          # evaluator settings (loglik.EVAL_PRESETS): current | wmdp-published
+    eval_bos: str | None = None           # config | yes | no | lm-eval-0.4.2 (None: the preset's)
+    eval_ll_dtype: str | None = None      # model | float32 (None: the preset's)
+    eval_every: int = 0                   # also evaluate every N steps during training (budget curve); 0: off
     min_chars: int = 0                    # documents with len(text) > min_chars (reference min_len 0)
     device: str | None = None             # None: cuda when available
     dtype: str | None = None              # None: bf16 on CUDA (as the reference), fp32 on CPU
@@ -69,6 +78,7 @@ class UnlearnConfig:
     lr_schedule: str = "constant"         # constant | linear | cosine
     max_grad_norm: float = 0.0            # 0: no clipping
     fp32_optimizer_state: bool = False    # fp32 Adam moments and master weights for bf16/fp16 parameters
+    memory_check: bool = True             # refuse, before loading, a run whose estimate exceeds the GPU's memory
     forget_max_len: list = field(default_factory=lambda: [512])   # tokens per forget document, per topic
     retain_max_len: int = 512
 
@@ -77,6 +87,7 @@ class UnlearnConfig:
 class RMUConfig(UnlearnConfig):
     """RMU, WMDP's reference run on Zephyr-7B (rmu/unlearn.py)."""
     forget_max_len: list = field(default_factory=lambda: [512, 768])   # bio, cyber
+    order: str = "file"                   # the reference's data order (with steps None: its 150-batch rule)
     max_num_batches: int = 150
     steering_coeffs: list = field(default_factory=lambda: [6.5])     # control-vector norm per topic
     alpha: list = field(default_factory=lambda: [1200.0])              # retain weight per topic
@@ -84,6 +95,8 @@ class RMUConfig(UnlearnConfig):
     layer_ids: list = field(default_factory=lambda: [5, 6, 7])         # layers whose `params` are trained
     params: list = field(default_factory=lambda: ["mlp.down_proj"])   # trained matrices inside each layer
     masked_loss: bool = False             # MSE over real tokens but BOS (reference: every position)
+    pad_attention: str = "all"            # left-pad query rows attend to every position of their row, as the
+                                          # reference's transformers 4.38.2 (sdpa, CUDA) did; "self": only itself
     cache_gib: float = 2.0                # cache of recurring trunk activations / frozen targets (0: off)
 
 
@@ -97,6 +110,8 @@ class NPOConfig(UnlearnConfig):
     lr_schedule: str = "linear"
     max_grad_norm: float = 1.0
     steps: int | None = 500
+    fp32_optimizer_state: bool = True     # fp32 master weights and Adam state for bf16 weights (as HF Trainer's
+                                          # mixed precision); --no-fp32-optimizer-state: pure bf16
     beta: float = 0.1
     gamma: float = 1.0                    # retain term weight
     delta: float = 0.0                    # SimNPO margin
@@ -192,7 +207,12 @@ def resolve(overrides: dict):
     if toy and not (TOY_MODEL / "config.json").is_file():
         raise ConfigError(f"{TOY_MODEL}: the embedded toy model is not built; run `make toy`")
     values = method_defaults(method, model)
-    values.update(_parse_lists({k: v for k, v in overrides.items() if v is not None}))
+    given = _parse_lists({k: v for k, v in overrides.items() if v is not None})
+    if given.get("epochs") is not None:   # a budget in epochs replaces the recipe's step count
+        if given.get("steps") is not None:
+            raise ConfigError("--steps and --epochs: give one of them (the run's budget)")
+        values["steps"] = None
+    values.update(given)
     values["method"], values["model"] = method, model
     toy_paths = {"forget": [str(TOY_DIR / "forget_corpus.jsonl")], "retain": [str(TOY_DIR / "retain_corpus.jsonl")],
                  "data": str(TOY_DIR), "eval_tasks": list(TOY_TASKS)}
@@ -228,6 +248,18 @@ def check(cfg):
         _fail("forget_max_len", ",".join(map(str, cfg.forget_max_len)), "at least 2 tokens per document (one target)")
     if cfg.steps is not None and int(cfg.steps) < 1:
         _fail("steps", cfg.steps, "an integer >= 1")
+    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        _fail("epochs", cfg.epochs, "a number > 0 (passes over the run's forget set)")
+    if cfg.steps is not None and cfg.epochs is not None:
+        raise ConfigError("--steps and --epochs: give one of them (the run's budget)")
+    if cfg.order not in ORDERS:
+        _fail("order", cfg.order, " or ".join(ORDERS))
+    if cfg.eval_every < 0:
+        _fail("eval_every", cfg.eval_every, "an integer >= 0 (0: no evaluation during training)")
+    try:
+        eval_settings(cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype)
+    except ProjectError as e:
+        raise ConfigError(str(e)) from None
     if cfg.eval_limit is not None and int(cfg.eval_limit) < 1:
         _fail("eval_limit", cfg.eval_limit, "an integer >= 1 (leave it out to evaluate every question)")
     if cfg.min_chars < 0:
@@ -276,6 +308,8 @@ def _check_rmu(cfg):
         _fail("steering_coeffs", ",".join(map(str, cfg.steering_coeffs)), "numbers > 0")
     if cfg.cache_gib < 0:
         _fail("cache_gib", cfg.cache_gib, "a number >= 0")
+    if cfg.pad_attention not in ("all", "self"):
+        _fail("pad_attention", cfg.pad_attention, "all (the reference's) or self")
     n = model_layers(cfg.model)
     if n is not None and not 0 <= cfg.layer_id < n:
         _fail("layer_id", cfg.layer_id, f"a layer of the model (0..{n - 1})")
@@ -293,30 +327,8 @@ def _check_npo(cfg):
         _fail("retain_loss", cfg.retain_loss, "gd, kl or none")
     if cfg.chunk_tokens < 0 or cfg.chunk_tokens == 1:
         _fail("chunk_tokens", cfg.chunk_tokens, "0 (truncate) or a piece length >= 2")
-
-
-# ----------------------------------------------------------------------------------------------- the reference's data order
-
-def schedule(steps, accum, n_topics, n_forget, n_retain, retain_of):
-    """Micro-batch plan: list over optimizer steps of lists of (topic, forget batch, retain file, retain batch).
-    Micro-batch m: topic m % n_topics, its k = m // n_topics-th batch, cycled over the topic's batches; the retain
-    batch of the same k (the reference's pairing) from retain file retain_of[topic]."""
-    plan = []
-    for s in range(steps):
-        micro = []
-        for j in range(accum):
-            m = s * accum + j
-            t, k = m % n_topics, m // n_topics
-            r = retain_of[t]
-            micro.append((t, k % n_forget[t], r, k % n_retain[r]))
-        plan.append(micro)
-    return plan
-
-
-def reference_steps(cfg, n_full_forget_docs, n_retain_docs):
-    """RMU's step count: min(max_num_batches, batches of the smallest forget file (full), of the smallest retain)."""
-    bs = cfg.batch_size
-    return min(cfg.max_num_batches, min(-(-n // bs) for n in n_full_forget_docs), min(-(-n // bs) for n in n_retain_docs))
+    if cfg.steps is None and cfg.epochs is None:
+        raise ConfigError(f"--steps / --epochs: --method {cfg.method} needs a budget (the recipe's is 500 steps)")
 
 
 # ----------------------------------------------------------------------------------------------- optimizer, schedule
@@ -378,6 +390,62 @@ def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):
     return base * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
 
 
+# ----------------------------------------------------------------------------------------------- memory
+
+GIB = 2 ** 30
+
+
+def param_counts(mc: dict, cfg) -> tuple:
+    """(all parameters, trained parameters) from a config.json dict: RMU trains --params of --layer-ids, the NPO
+    family everything."""
+    d, f, L, V = mc["hidden_size"], mc["intermediate_size"], mc["num_hidden_layers"], mc["vocab_size"]
+    H = mc["num_attention_heads"]
+    kv, hd = mc.get("num_key_value_heads") or H, mc.get("head_dim") or d // H
+    matrix = {"self_attn.q_proj": d * H * hd, "self_attn.k_proj": d * kv * hd, "self_attn.v_proj": d * kv * hd,
+              "self_attn.o_proj": H * hd * d, "mlp.gate_proj": d * f, "mlp.up_proj": d * f, "mlp.down_proj": f * d}
+    layer = sum(matrix.values()) + 2 * d
+    total = L * layer + V * d * (1 if mc.get("tie_word_embeddings") else 2) + d
+    if cfg.method != "rmu":
+        return total, total
+    return total, len(cfg.layer_ids) * sum(matrix.get(pn, 0) for pn in cfg.params)
+
+
+def memory_estimate(cfg, mc: dict, dtype_bytes: int) -> dict:
+    """Bytes a run needs on its device, estimated before anything loads (mc: the model's config.json). Weights,
+    the trained parameters' gradients, their fp32 master copy and Adam moments (fp32_optimizer_state: 4 + 8 bytes
+    per trained parameter, so the NPO family on bf16 weights needs about 16 bytes per parameter, about 112 GB for
+    a 7B model), and the activations kept for backward: per layer with gradients and per token about
+    (8 d + 4 f) values (attention and MLP inputs and outputs; the fused log-prob kernels keep no (N, V) logits),
+    for a forget and a retain batch. RMU keeps layers min(layer_ids)..layer_id only."""
+    total, trained = param_counts(mc, cfg)
+    d, f = mc["hidden_size"], mc["intermediate_size"]
+    master = cfg.fp32_optimizer_state and dtype_bytes < 4
+    optimizer = trained * (12 if master else 2 * dtype_bytes)
+    layers = cfg.layer_id - min(cfg.layer_ids) + 1 if cfg.method == "rmu" else mc["num_hidden_layers"]
+    tokens = cfg.batch_size * max(max(cfg.forget_max_len), cfg.retain_max_len)
+    acts = 2 * tokens * layers * (8 * d + 4 * f) * dtype_bytes
+    parts = {"weights": total * dtype_bytes, "gradients": trained * dtype_bytes, "optimizer": optimizer,
+             "activations": acts}
+    return {**parts, "total": sum(parts.values()), "trained_params": trained, "params": total,
+            "fp32_master": master}
+
+
+def check_memory(est: dict, device_bytes: int, device: str, cfg):
+    """Stop before loading when the estimate exceeds the device: one line with both numbers and the options."""
+    if est["total"] <= device_bytes:
+        return
+    opts = ["a smaller --batch-size or --forget-max-len / --retain-max-len"]
+    if est["fp32_master"]:
+        pure = est["total"] - est["optimizer"] + est["trained_params"] * 4   # bf16 moments instead
+        opts.insert(0, f"pure bf16 (--no-fp32-optimizer-state: about {pure / GIB:.0f} GiB)")
+    if cfg.method != "rmu":
+        opts.append("several GPUs (FSDP2 via torchrun, the scale-out issue; not in this version)")
+    raise ConfigError(f"memory: this run needs about {est['total'] / GIB:.0f} GiB (weights {est['weights'] / GIB:.0f}, "
+                      f"gradients {est['gradients'] / GIB:.0f}, optimizer {est['optimizer'] / GIB:.0f}, activations "
+                      f"{est['activations'] / GIB:.0f}) but {device} has {device_bytes / GIB:.0f} GiB; options: "
+                      + "; ".join(opts) + " (--no-memory-check runs anyway)")
+
+
 def describe(cfg) -> str:
     """The resolved configuration as JSON (what --print-config shows)."""
     from dataclasses import asdict
@@ -385,4 +453,4 @@ def describe(cfg) -> str:
 
 
 __all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "method_defaults",
-           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW", "schedule", "reference_steps"]
+           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW", "memory_estimate", "check_memory"]

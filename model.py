@@ -247,15 +247,19 @@ class Transformer(nn.Module):
         return self.lm_head.weight  # (V, d); the embedding matrix when tied
 
     def forward(self, input_ids=None, attention_mask=None, *, hidden_states=None, from_layer=0,
-                until_layer=None, output="logits", cache=None):
+                until_layer=None, output="logits", cache=None, pad_rows="self"):
         """input_ids (B, T) or hidden_states (B, T, d) entering layer `from_layer`; attention_mask (B, T), 1 = token.
+        pad_rows: what a query row with no real key before it (a left pad) attends to. "self": itself only, and
+        positions count real tokens. "all": every position of its row, and positions are 0..T-1 -- transformers
+        4.38.2's Llama/Mistral with sdpa on CUDA (the WMDP reference's RMU), whose _unmask_unattended un-masks such
+        rows. Real tokens get the same values either way (RoPE is relative; pads are never their keys).
 
         Returns the residual stream after layer `until_layer` if given, else the final-normed hidden states
         (output="hidden") or fp32 logits (output="logits").
         """
         h = self.model.embed_tokens(input_ids) if hidden_states is None else hidden_states
         B, T, _ = h.shape
-        cos, sin, mask = self._positions_and_mask(B, T, attention_mask, cache, h.device, h.dtype)
+        cos, sin, mask = self._positions_and_mask(B, T, attention_mask, cache, h.device, h.dtype, pad_rows)
         last = self.config.num_hidden_layers - 1 if until_layer is None else until_layer
         for i in range(from_layer, last + 1):
             h = self.model.layers[i](h, cos, sin, mask, cache, i)
@@ -266,7 +270,7 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         return h if output == "hidden" else self.lm_head(h).float()
 
-    def _positions_and_mask(self, B, T, attention_mask, cache, device, dtype):
+    def _positions_and_mask(self, B, T, attention_mask, cache, device, dtype, pad_rows="self"):
         start = 0 if cache is None else cache.length
         if attention_mask is None:
             attention_mask = torch.ones(B, T, device=device, dtype=torch.long)
@@ -274,8 +278,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.key_mask[:, start:start + T] = key_mask
             key_mask = cache.key_mask[:, :start + T]
-        # positions count real tokens only, so a left-padded row sees the same positions as an unpadded one
-        pos = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+        if pad_rows == "all" and cache is None:
+            pos = torch.arange(T, device=device).expand(B, T)  # transformers' default position_ids
+        else:  # positions count real tokens only, so a left-padded row sees the same positions as an unpadded one
+            pos = (key_mask.cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
         freqs = pos[..., None].float() * rope_inv_freq(self.config, device)  # (B, T, hd/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
         cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
@@ -283,8 +289,11 @@ class Transformer(nn.Module):
             return cos, sin, None  # plain causal: lets SDPA pick its fastest kernel
         q_idx = torch.arange(start, start + T, device=device)[:, None]
         k_idx = torch.arange(start + T, device=device)[None, :]
-        # causal in cache-index space, pads masked as keys; each query also sees itself so pad rows stay finite
-        mask = ((k_idx <= q_idx) & key_mask[:, None, :].bool()) | (k_idx == q_idx)  # (B, T, S)
+        mask = (k_idx <= q_idx) & key_mask[:, None, :].bool()  # (B, T, S) causal in cache-index space, pads masked
+        if pad_rows == "all" and cache is None:
+            mask = mask | ~mask.any(-1, keepdim=True)  # a row with no key at all attends to every position
+        else:
+            mask = mask | (k_idx == q_idx)  # each query also sees itself, so pad rows stay finite
         return cos, sin, mask[:, None]
 
     @torch.no_grad()

@@ -12,33 +12,45 @@ In process: `record = run(methods.resolve({...}))`. Settings and their defaults 
 resolves them); the math in losses.py; this file holds the loops. The record is run.json: the resolved config,
 seed, coreset indices, loss per step, time, peak memory, versions, evaluation before and after.
 
+The budget: --steps N, --epochs E (passes over the run's forget set), or (RMU) the reference's rule; --order file
+(RMU's default, the reference's) or shuffle (a seeded permutation per epoch). budget.py has the rules; run.json's
+"budget" says what the run saw (docs_seen per forget file), and a run that does not see its whole coreset says so.
+
 RMU, by default exactly as the reference (REFERENCE section 2): per forget file ("topic") a control vector c; loss
-mse(h_L(x_f), c) + alpha * mse(h_L(x_r), h_L^frozen(x_r)) at the output of decoder layer L = --layer-id; only
---params of --layer-ids train; topics interleaved (step i: topic i % n, its batch i // n); left padding with EOS;
-steps = min(max_num_batches, #batches of the smallest FULL forget file, #batches of the smallest retain file), so
-a coreset is cycled to the same number of steps; --steps overrides. Efficient, same numbers: the forward stops at
+mse(h_L(x_f), c) + alpha * mse(h_L(x_r), h_L^frozen(x_r)) at the output of decoder layer L = --layer-id, over every
+position, pads included, with left-pad rows attending as in the reference's transformers (--pad-attention all);
+only --params of --layer-ids train; topics interleaved; left padding with EOS; steps = min(max_num_batches,
+#batches of the smallest FULL forget file, of the smallest retain file), so a coreset is cycled to the same number
+of steps. Efficient, same numbers: the forward stops at
 layer L; layers below min(layer_ids) run once without gradients and feed both the updated and the frozen path; the
 frozen model is not a second model but copies of the trained matrices (torch.func.functional_call); recurring
 trunk outputs and frozen targets are cached within --cache-gib. Losses in fp32.
 
 NPO family (REFERENCE section 3): per step one forget batch (topics interleaved, right padding) and one retain
-batch; npo / simnpo / graddiff forget terms + gamma * CE_retain (gd) or KL(ref || current) (kl). Reference
+batch; fp32 master weights and Adam state for bf16 weights (--no-fp32-optimizer-state: pure bf16); npo / simnpo /
+graddiff forget terms + gamma * CE_retain (gd) or KL(ref || current) (kl). Reference
 log-probs are computed once before training (no second model resident); every log-prob goes through
 lpkernels.fused_sequence_loss / fused_logprob (the (N, V) logits never exist), except the KL term.
 
 Outputs in --out: model/ (Hugging Face layout, tokenizer copied) and run.json, written atomically. A non-finite
-loss, or a non-finite weight after the last update, stops the run before anything is written.
-The base model's evaluation is cached in <out>/../.eval_cache/ (keyed by model files, data, tasks, limit, dtype).
+loss, or a non-finite weight after the last update, stops the run before anything is written. On a GPU the memory
+the run needs is estimated before loading (methods.memory_estimate) and a run that cannot fit stops there.
+Evaluation before and after uses the evaluator's settings (--eval-preset, --eval-bos, --eval-ll-dtype; recorded);
+--eval-every K also evaluates every K steps (the budget curve). The base model's evaluation is cached in
+<out>/../.eval_cache/ (keyed by model files, data, tasks, limit, dtype and the evaluator's settings).
 """
 import argparse
+import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+import budget
 import coreset
 import evaluate
 import losses
@@ -46,6 +58,7 @@ import methods
 from data import read_corpora
 from infra import (ProjectError, atomic_write_json, check_output, cli_main, is_run_dir, peak_memory, per_topic, progress_bar,
                    resolve_dtype, run_info, staged_dir)
+from loglik import eval_settings
 from model import TOKENIZER_FILES, load
 
 
@@ -58,48 +71,22 @@ class UnlearnError(ProjectError):
 def select(cfg, forget_docs) -> list:
     """Per forget file the selected document indices (sorted): --coreset, --ratio (a seeded random draw, the same
     as coreset.py --method random), or all."""
+    return select_texts(cfg, forget_docs)[0]
+
+
+def select_texts(cfg, forget_docs):
+    """-> (indices per forget file, texts per forget file): the selected documents' texts, or the coreset's own
+    texts where it gives them (a keyword-only forget set: each document reduced to its keywords)."""
     sizes = [len(d) for d in forget_docs]
     if cfg.coreset:
-        return coreset.read_coreset(cfg.coreset, cfg.forget, sizes)
-    if cfg.ratio is not None:
-        return [coreset.random_indices(n, coreset.coreset_size(cfg.ratio, n), cfg.seed, t).tolist()
-                for t, n in enumerate(sizes)]
-    return [list(range(n)) for n in sizes]
-
-
-# ----------------------------------------------------------------------------------------------- batches
-
-class Batches:
-    """Documents -> batches of `size` in order, tokenized on first use (add_special_tokens as the tokenizer
-    says, truncated on the right to max_len), padded on `side` with pad_id. With chunk > 0 every document is
-    split into pieces of `chunk` tokens first (tokenized eagerly)."""
-
-    def __init__(self, tok, docs, size, max_len, pad_id, side, chunk=0):
-        self.tok, self.size, self.max_len, self.pad_id, self.side = tok, size, max_len, pad_id, side
-        if chunk:
-            pieces = []
-            for ids in tok.encode_batch(docs):
-                pieces += [ids[a:a + chunk] for a in range(0, len(ids), chunk)]
-            self.seqs, self.docs = pieces, None
-        else:
-            self.seqs, self.docs = None, docs
-        self.memo = {}
-        self.n = -(-len(self.seqs if chunk else docs) // size)
-
-    def __len__(self):
-        return self.n
-
-    def tokens(self, b):
-        if b not in self.memo:
-            if self.seqs is not None:
-                seqs = self.seqs[b * self.size:(b + 1) * self.size]
-            else:
-                seqs = [s[:self.max_len] for s in self.tok.encode_batch(self.docs[b * self.size:(b + 1) * self.size])]
-            self.memo[b] = seqs
-        return self.memo[b]
-
-    def __getitem__(self, b):
-        return self.tok.pad(self.tokens(b % self.n), self.side, pad_id=self.pad_id)   # (B, T) ids, mask
+        sel, given = coreset.read_coreset(cfg.coreset, cfg.forget, sizes, with_texts=True)
+    elif cfg.ratio is not None:
+        sel = [coreset.random_indices(n, coreset.coreset_size(cfg.ratio, n), cfg.seed, t).tolist()
+               for t, n in enumerate(sizes)]
+        given = [{} for _ in sizes]
+    else:
+        sel, given = [list(range(n)) for n in sizes], [{} for _ in sizes]
+    return sel, [[g.get(i, docs[i]) for i in idx] for docs, idx, g in zip(forget_docs, sel, given)]
 
 
 # ----------------------------------------------------------------------------------------------- what trains
@@ -143,8 +130,8 @@ class RMU:
     """RMU's forward passes with a shared, gradient-free trunk and a frozen path made of copies of the trained
     matrices only. loss(...) is losses.rmu_loss on activations equal to full-model ones."""
 
-    def __init__(self, model, train: dict, layer_id: int, layer_ids: list):
-        self.model, self.L, self.lo = model, layer_id, min(layer_ids)
+    def __init__(self, model, train: dict, layer_id: int, layer_ids: list, pad_rows: str = "all"):
+        self.model, self.L, self.lo, self.pad_rows = model, layer_id, min(layer_ids), pad_rows
         self.frozen = {n: p.detach().clone() for n, p in train.items()}  # only the trained matrices
 
     def trunk(self, ids, mask):
@@ -152,15 +139,17 @@ class RMU:
         with torch.no_grad():
             if self.lo == 0:
                 return self.model.model.embed_tokens(ids)
-            return self.model(ids, mask, until_layer=self.lo - 1)
+            return self.model(ids, mask, until_layer=self.lo - 1, pad_rows=self.pad_rows)
 
     def updated(self, h, mask):
-        return self.model(hidden_states=h, attention_mask=mask, from_layer=self.lo, until_layer=self.L)
+        return self.model(hidden_states=h, attention_mask=mask, from_layer=self.lo, until_layer=self.L,
+                          pad_rows=self.pad_rows)
 
     def frozen_acts(self, h, mask):
         with torch.no_grad():
             return torch.func.functional_call(self.model, self.frozen, (), dict(
-                hidden_states=h, attention_mask=mask, from_layer=self.lo, until_layer=self.L), strict=False)
+                hidden_states=h, attention_mask=mask, from_layer=self.lo, until_layer=self.L, pad_rows=self.pad_rows),
+                strict=False)
 
     def loss(self, f_h, f_mask, c, r_h, r_mask, r_target, alpha, f_counted=None, r_counted=None):
         """f_h / r_h: trunk outputs (B, T, d); r_target: frozen activations -> (loss, forget term, retain term)."""
@@ -241,17 +230,22 @@ def retain_kl(model, ids, mask, ref_h, W_ref):
 
 # ----------------------------------------------------------------------------------------------- training
 
-def training_steps(cfg, plan, opt, model, desc):
+def training_steps(cfg, plan, opt, model, desc, after_step=None):
     """The loop both trainers share: per optimizer step set the learning rate and zero the gradients, then yield
-    (step, its micro-batches, the progress bar); the model is in train mode inside, in eval mode after."""
+    (step, its micro-batches, the progress bar); after each step after_step(step + 1) runs in eval mode (the
+    budget curve's evaluations). The model is in train mode inside, in eval mode after."""
     model.train()
-    bar = progress_bar(cfg.steps, desc, disable=not cfg.progress)
+    bar = progress_bar(len(plan), desc, disable=not cfg.progress)
     try:
         for s, micro in enumerate(plan):
             for g in opt.param_groups:
-                g["lr"] = methods.lr_at(s, cfg.steps, cfg.lr, cfg.warmup, cfg.lr_schedule)
+                g["lr"] = methods.lr_at(s, len(plan), cfg.lr, cfg.warmup, cfg.lr_schedule)
             opt.zero_grad(set_to_none=True)
             yield s, micro, bar
+            if after_step is not None:
+                model.eval()
+                after_step(s + 1)
+                model.train()
     finally:
         bar.close()
         model.eval()
@@ -279,18 +273,13 @@ def check_weights_finite(train: dict, steps):
                                "checkpoint written (try a lower --lr or --max-grad-norm)")
 
 
-def train_rmu(cfg, model, tok, forget_sel, retain_docs, retain_of, train, opt, device):
-    n_topics = len(forget_sel)
+def train_rmu(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None):
+    n_topics = len(fb)
     coeffs, alphas = per_topic(cfg.steering_coeffs, n_topics), per_topic(cfg.alpha, n_topics)
-    max_lens = per_topic(cfg.forget_max_len, n_topics)
-    pad = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id  # reference: pad = eos
-    fb = [Batches(tok, docs, cfg.batch_size, max_lens[t], pad, "left") for t, docs in enumerate(forget_sel)]
-    rb = [Batches(tok, docs, cfg.batch_size, cfg.retain_max_len, pad, "left") for docs in retain_docs]
-    plan = methods.schedule(cfg.steps, cfg.grad_accum, n_topics, [len(b) for b in fb], [len(b) for b in rb], retain_of)
     dtype = model.lm_head_weight.dtype
     cvec = [losses.control_vector(model.config.hidden_size, coeffs[t], cfg.seed, t, dtype).to(device)
             for t in range(n_topics)]
-    rmu = RMU(model, train, cfg.layer_id, cfg.layer_ids)
+    rmu = RMU(model, train, cfg.layer_id, cfg.layer_ids, cfg.pad_attention)
     bos = tok.bos_token_id  # a special token: in a document only as the BOS the tokenizer adds
     counted = (lambda ids, mask: losses.content_positions(ids, mask, bos)) if cfg.masked_loss else \
         (lambda ids, mask: None)
@@ -301,7 +290,7 @@ def train_rmu(cfg, model, tok, forget_sel, retain_docs, retain_of, train, opt, d
             uses[("r", r, rr)] = uses.get(("r", r, rr), 0) + 1
     cache = ActCache(uses, cfg.cache_gib * 2**30)
     params, hist, parts_hist = list(train.values()), [], []
-    for s, micro, bar in training_steps(cfg, plan, opt, model, "rmu"):
+    for s, micro, bar in training_steps(cfg, plan, opt, model, "rmu", after_step):
         tot, tf, tr = 0.0, 0.0, 0.0
         for t, f, r, rr in micro:
             def fwd_f():
@@ -321,53 +310,63 @@ def train_rmu(cfg, model, tok, forget_sel, retain_docs, retain_of, train, opt, d
     return hist, parts_hist, {"cache_hits": cache.hits, "steering_coeffs": coeffs, "alphas": alphas}
 
 
-def train_npo(cfg, model, tok, forget_sel, retain_docs, retain_of, train, opt, device):
-    n_topics = len(forget_sel)
-    max_lens = per_topic(cfg.forget_max_len, n_topics)
-    pad, chunk = tok.pad_token_id, cfg.chunk_tokens
-    fb = [Batches(tok, docs, cfg.batch_size, max_lens[t], pad, "right", chunk) for t, docs in enumerate(forget_sel)]
-    rb = [Batches(tok, docs, cfg.batch_size, cfg.retain_max_len, pad, "right", chunk) for docs in retain_docs]
-    plan = methods.schedule(cfg.steps, cfg.grad_accum, n_topics, [len(b) for b in fb], [len(b) for b in rb], retain_of)
-    ref, ref_h, W_ref = {}, {}, None  # reference quantities, once, before any update
+def item_values(items, fn, batch_size):
+    """fn(item batch) -> per-item values, over `items` in batches -> {item: value}."""
+    out, items = {}, sorted(items)
+    for a in range(0, len(items), batch_size):
+        out.update(zip(items[a:a + batch_size], fn(tuple(items[a:a + batch_size]))))
+    return out
+
+
+def train_npo(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None):
+    ref, ref_h, W_ref = {}, {}, None  # reference quantities per item, once, before any update
     if cfg.method == "npo":
-        for t, f in sorted({(t, f) for micro in plan for t, f, _, _ in micro}):
-            ids, mask = (x.to(device) for x in fb[t][f])
-            lp_sum, ntok = sequence_logps(model, ids, mask)
-            ref[(t, f)] = lp_sum / ntok.clamp_min(1) if cfg.npo_mean_tokens else lp_sum
+        for t in range(len(fb)):
+            def ref_logps(items):
+                ids, mask = (x.to(device) for x in fb[t][items])
+                lp_sum, ntok = sequence_logps(model, ids, mask)
+                return (lp_sum / ntok.clamp_min(1) if cfg.npo_mean_tokens else lp_sum).tolist()
+            ref[t] = item_values({i for micro in plan for tt, f, _, _ in micro if tt == t for i in f}, ref_logps,
+                                 cfg.batch_size)
     if cfg.retain_loss == "kl":
         W_ref = model.lm_head_weight.detach().clone()
-        with torch.no_grad():
-            for r, rr in sorted({(r, rr) for micro in plan for _, _, r, rr in micro}):
-                ids, mask = (x.to(device) for x in rb[r][rr])
-                h = model(ids, mask, output="hidden")
-                ref_h[(r, rr)] = h[losses.next_token_targets(ids, mask) != -100].to("cpu")
+        for r in range(len(rb)):
+            def ref_hidden(items):
+                ids, mask = (x.to(device) for x in rb[r][items])
+                with torch.no_grad():
+                    h = model(ids, mask, output="hidden")                             # (B, T, d)
+                keep = losses.next_token_targets(ids, mask) != -100                   # (B, T)
+                return [h[b][keep[b]].to("cpu") for b in range(len(items))]
+            ref_h[r] = item_values({i for micro in plan for _, _, rr_, rr in micro if rr_ == r for i in rr},
+                                   ref_hidden, cfg.batch_size)
     params, hist, parts_hist = list(train.values()), [], []
-    for s, micro, bar in training_steps(cfg, plan, opt, model, cfg.method):
+    for s, micro, bar in training_steps(cfg, plan, opt, model, cfg.method, after_step):
         tot, tf, tr = 0.0, 0.0, 0.0
         for t, f, r, rr in micro:
             ids, mask = (x.to(device) for x in fb[t][f])
-            lf = forget_loss(cfg, model, ids, mask, ref.get((t, f)))
+            ref_f = torch.tensor([ref[t][i] for i in f], device=device) if ref else None
+            lf = forget_loss(cfg, model, ids, mask, ref_f)
             loss, lr_ = lf, torch.zeros(())
             if cfg.retain_loss != "none" and cfg.gamma:
                 rids, rmask = (x.to(device) for x in rb[r][rr])
                 lr_ = retain_ce(model, rids, rmask) if cfg.retain_loss == "gd" else \
-                    retain_kl(model, rids, rmask, ref_h[(r, rr)], W_ref)
+                    retain_kl(model, rids, rmask, torch.cat([ref_h[r][i] for i in rr]), W_ref)
                 loss = lf + cfg.gamma * lr_
             (loss / len(micro)).backward()
             tot, tf, tr = tot + loss.item() / len(micro), tf + lf.item() / len(micro), tr + lr_.item() / len(micro)
         finish_step(s, cfg, params, opt, bar, hist, parts_hist, tot, tf, tr)
-    return hist, parts_hist, {"n_reference_batches": len(ref)}
+    return hist, parts_hist, {"n_reference_items": sum(len(v) for v in ref.values())}
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
 
-def evaluate_model(cfg, model, tok, dtype, base: bool):
-    """evaluate.py's tasks on the model -> ({task: summary}, cached?); the base model's result is cached in
-    <out>/../.eval_cache (keyed by the files it reads: evaluate.eval_key)."""
+def evaluate_model(cfg, model, tok, dtype, settings, base: bool):
+    """evaluate.py's tasks on the model with the evaluator's settings -> ({task: summary}, cached?); the base
+    model's result is cached in <out>/../.eval_cache (keyed by the files it reads and every setting)."""
     cache_dir = Path(cfg.eval_cache_dir or Path(cfg.out).resolve().parent / ".eval_cache") if base else None
     return evaluate.evaluate_cached(model, tok, cfg.model, cfg.data, cfg.eval_tasks, cfg.eval_limit, dtype,
-                                    cache_dir, batch_size=cfg.eval_batch_size, progress=cfg.progress,
-                                    read_cache=cfg.eval_cache)
+                                    cache_dir, batch_size=cfg.eval_batch_size, progress=cfg.progress and base,
+                                    read_cache=cfg.eval_cache, bos=settings["bos"], ll_dtype=settings["ll_dtype"])
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -377,6 +376,19 @@ def is_previous_run(path) -> bool:
     ckpt = lambda n: n in TOKENIZER_FILES or n in ("config.json", "model.safetensors", "model.safetensors.index.json") \
         or (n.startswith("model-") and n.endswith(".safetensors"))
     return is_run_dir(path, {"run.json": None, "model": ckpt})
+
+
+def check_device_memory(cfg, device, dtype) -> dict | None:
+    """methods.memory_estimate for this run; on a GPU a run that cannot fit stops here, before loading."""
+    try:
+        mc = json.loads((Path(cfg.model) / "config.json").read_text())
+        est = methods.memory_estimate(cfg, mc, torch.finfo(dtype).bits // 8)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None   # an unreadable config.json: loading reports it
+    if device.type == "cuda" and cfg.memory_check:
+        free = torch.cuda.get_device_properties(device).total_memory
+        methods.check_memory(est, free, str(device), cfg)
+    return est
 
 
 def run(cfg, given=None) -> dict:
@@ -396,48 +408,68 @@ def run(cfg, given=None) -> dict:
     uniq = list(dict.fromkeys(real))  # wikitext,wikitext: one corpus
     retain_docs = read_corpora([cfg.retain[real.index(u)] for u in uniq], cfg.min_chars)
     retain_of = [uniq.index(r) for r in (real if len(real) > 1 else real * len(cfg.forget))]
-    sel = select(cfg, forget_docs)
-    forget_sel = [[docs[i] for i in idx] for docs, idx in zip(forget_docs, sel)]
-    if cfg.steps is None:  # RMU: the reference's count on the full forget set (a coreset is cycled)
-        cfg.steps = methods.reference_steps(cfg, [len(d) for d in forget_docs], [len(d) for d in retain_docs])
+    sel, forget_sel = select_texts(cfg, forget_docs)
+    memory = check_device_memory(cfg, device, dtype)
+    settings = eval_settings(cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype, cfg.model)
     torch.manual_seed(cfg.seed)
     model, tok = load(cfg.model, device, dtype)
+    fb, rb = budget.corpus_batches(cfg, tok, forget_sel, retain_docs)
+    cfg.steps, rule = budget.resolve_steps(cfg, [len(d) for d in forget_docs], [len(b) for b in fb],
+                                           [len(d) for d in retain_docs])
+    plan = budget.make_plan(cfg.steps, cfg.grad_accum, cfg.batch_size, [len(b) for b in fb], [len(b) for b in rb],
+                            retain_of, cfg.order, cfg.seed)
+    spent = budget.budget_record(plan, rule, cfg.order, cfg.forget, [len(d) for d in forget_docs],
+                                 [b.doc_of for b in fb], uniq, [len(d) for d in retain_docs])
+    for line in budget.coverage_warnings(spent):
+        print(f"unlearn: warning: {line}", file=sys.stderr)
     out = Path(cfg.out)
-    before, before_cached = evaluate_model(cfg, model, tok, dtype, base=True) if cfg.eval_tasks else (None, False)
+    before, before_cached = evaluate_model(cfg, model, tok, dtype, settings, True) if cfg.eval_tasks else (None, False)
+    curve = [{"step": 0, "results": before}] if cfg.eval_every and cfg.eval_tasks else None
+
+    def after_step(step):   # the budget curve: the tasks every eval_every steps (the last step is the "after")
+        if curve is not None and step % cfg.eval_every == 0 and step < cfg.steps:
+            curve.append({"step": step, "results": evaluate_model(cfg, model, tok, dtype, settings, False)[0]})
     train, opt = build(cfg, model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     trainer = train_rmu if cfg.method == "rmu" else train_npo
-    hist, parts, extra = trainer(cfg, model, tok, forget_sel, retain_docs, retain_of, train, opt, device)
+    hist, parts, extra = trainer(cfg, model, tok, fb, rb, plan, train, opt, device, after_step if curve else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - t0
     check_weights_finite(train, cfg.steps)
     record = {
         **info, "method": cfg.method, "seed": cfg.seed, "toy": methods.is_toy(cfg.model), "steps": cfg.steps,
-        "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "budget": spent, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "coreset": {"source": cfg.coreset or ("ratio" if cfg.ratio is not None else "all"), "ratio": cfg.ratio,
                     "files": cfg.forget, "n_docs": [len(d) for d in forget_docs],
-                    "n_selected": [len(i) for i in sel], "indices": sel},
+                    "n_selected": [len(i) for i in sel], "indices": sel,
+                    "texts_from_coreset": any(t != d[i] for ts, d, idx in zip(forget_sel, forget_docs, sel)
+                                              for t, i in zip(ts, idx))},
         "trained_params": list(train), "loss": hist, "loss_parts": parts, **extra,
         "train_s": round(train_s, 3), "steps_per_s": cfg.steps / train_s if train_s > 0 else None,
-        "peak_memory_bytes": peak_memory(device),
+        "peak_memory_bytes": peak_memory(device), "memory_estimate_bytes": memory,
         "checkpoint": str(out / "model") if cfg.save else None,
-        "eval": {"tasks": cfg.eval_tasks, "before": before, "before_cached": before_cached, "after": None},
+        "eval": {"tasks": cfg.eval_tasks, "settings": settings, "before": before, "before_cached": before_cached,
+                 "after": None},
         "config": {"class": type(cfg).__name__, **asdict(cfg)}, "retain_of": retain_of,
     }
     with staged_dir(out) as stage:  # lands whole at the end of the block, or not at all
         if cfg.save:
             model.save_pretrained(stage / "model", tokenizer_dir=cfg.model)
         if cfg.eval_tasks:
-            record["eval"]["after"], _ = evaluate_model(cfg, model, tok, dtype, base=False)
+            record["eval"]["after"], _ = evaluate_model(cfg, model, tok, dtype, settings, False)
+            if curve is not None:
+                record["curve"] = curve + [{"step": cfg.steps, "results": record["eval"]["after"]}]
         record["time_s"] = round(time.time() - t_start, 3)
         atomic_write_json(stage / "run.json", record)
     if cfg.eval_tasks:
         print(evaluate.format_table(before, record["eval"]["after"], cfg.method, cfg.steps, train_s))
-    print(f"unlearn: {cfg.method} {cfg.steps} steps in {train_s:.1f}s ({cfg.steps / max(train_s, 1e-9):.2f} steps/s), "
-          f"{sum(len(i) for i in sel)} forget docs; wrote {out / 'run.json'}" + (f" and {out / 'model'}" if cfg.save else ""))
+    print(f"unlearn: {cfg.method} {cfg.steps} steps ({spent['epochs']:g} epochs, {spent['order']} order) in "
+          f"{train_s:.1f}s ({cfg.steps / max(train_s, 1e-9):.2f} steps/s), "
+          f"{sum(p['docs_seen'] for p in spent['forget'])} forget docs seen; wrote {out / 'run.json'}"
+          + (f" and {out / 'model'}" if cfg.save else ""))
     return record
 
 
@@ -458,11 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--ratio", type=float, help="random coreset per forget file: fraction (<= 1) or count (> 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="output dir: model/ and run.json")
-    p.add_argument("--steps", type=int, help="optimizer steps")
+    b = p.add_argument_group("budget (budget.py)")
+    b.add_argument("--steps", type=int, help="optimizer steps")
+    b.add_argument("--epochs", type=float, help="passes over the run's forget set (coreset or full); replaces the "
+                   "recipe's step count")
+    b.add_argument("--order", choices=["file", "shuffle"], help="file: file order, cycled (RMU's default, the "
+                   "reference's); shuffle: a seeded permutation per epoch (the NPO family's default)")
     p.add_argument("--data", help="DATA dir for --eval-tasks")
     p.add_argument("--eval-tasks", help="tasks evaluated before and after; 'none' skips")
     p.add_argument("--eval-limit", type=int, help="questions per task")
     p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--eval-preset", help="evaluator settings: current (today's lm-eval) | wmdp-published (lm-eval "
+                   "0.4.2 + transformers 4.38: no BOS, fp32 log-softmax)")
+    p.add_argument("--eval-bos", choices=["config", "yes", "no", "lm-eval-0.4.2"], help="BOS rule (default: the preset's)")
+    p.add_argument("--eval-ll-dtype", choices=["model", "float32"], help="log-softmax dtype (default: the preset's)")
+    p.add_argument("--eval-every", type=int, help="also evaluate every N steps (run.json's curve); 0: off")
     p.add_argument("--min-chars", type=int)
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
@@ -483,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"])
     g.add_argument("--max-grad-norm", type=float, help="0: no clipping")
     g.add_argument("--fp32-optimizer-state", action=argparse.BooleanOptionalAction,
-                   help="fp32 Adam moments and master weights")
+                   help="fp32 Adam moments and master weights for bf16 weights (NPO family: on; --no-...: pure bf16)")
+    g.add_argument("--memory-check", action=argparse.BooleanOptionalAction,
+                   help="on a GPU, stop before loading when the run's memory estimate exceeds the device's")
     g.add_argument("--forget-max-len", help="max tokens per forget document, one per topic (last repeats)")
     g.add_argument("--retain-max-len", type=int)
     r = p.add_argument_group("RMU")
@@ -495,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--params", help="trained matrices inside each layer, comma list (mlp.down_proj)")
     r.add_argument("--masked-loss", action=argparse.BooleanOptionalAction, help="MSE over real tokens but BOS")
     r.add_argument("--cache-gib", type=float, help="activation cache budget (0: off)")
+    r.add_argument("--pad-attention", choices=["all", "self"], help="left-pad rows attend to every position (the "
+                   "reference's transformers 4.38.2, sdpa on CUDA) or to themselves only")
     n = p.add_argument_group("NPO / SimNPO / GradDiff")
     n.add_argument("--beta", type=float)
     n.add_argument("--gamma", type=float, help="retain term weight")

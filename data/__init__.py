@@ -97,6 +97,8 @@ TASKS = {
     "toy_general": ("toy_general.jsonl", None),
 }
 
+# tasks that measure retained utility; every other task measures forgetting (tables and plots split on this)
+UTILITY_TASKS = ("mmlu", "toy_general", "wikitext")
 MUSE_DIRS = {"news": "muse/news", "books": "muse/books"}
 MUSE_TASKS = {"muse_news": "news", "muse_books": "books"}   # evaluation task name -> MUSE corpus
 # MUSE file stem -> fields of each record. One string field "text" -> the reader returns list[str].

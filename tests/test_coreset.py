@@ -4,7 +4,11 @@ GraNd-RMU's control vectors = the training's, the sweep's resume and report (cor
 The scores' own math (Min-K%, Min-K%++, zlib, the control vector) is tested in test_losses.py."""
 import json
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -21,6 +25,8 @@ import losses
 import methods
 from infra import TOY_MODEL, ProjectError
 from model import Transformer, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WORDS = "the virus spores toxin anthrax lab culture cat sat on mat with hat river stone".split()
 
@@ -233,9 +239,9 @@ def test_moderate_equals_numpy(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- keywords
 
-def test_keywords_cli_writes_a_forget_corpus(tmp_path):
-    """coreset.py --method keywords writes a forget corpus unlearn.py reads (data.read_corpus): each document reduced
-    to losses.extract_keywords' words (their math is tested in test_losses.py)."""
+def test_keywords_cli_writes_a_coreset_with_texts(tmp_path):
+    """coreset.py --method keywords writes a coreset file whose lines carry each document reduced to
+    losses.extract_keywords' words (their math is tested in test_losses.py); read_coreset returns those texts."""
     forget = ["The anthrax spores were grown in the lab.", "Anthrax toxin and the spores of the culture.",
               "In the lab, the toxin is purified from anthrax."] * 3
     retain = ["The cat sat on the mat.", "The river was in the valley and the stone was in the river.",
@@ -246,12 +252,17 @@ def test_keywords_cli_writes_a_forget_corpus(tmp_path):
     r.write_text("".join(json.dumps({"text": t}) + "\n" for t in retain))
     out = tmp_path / "kw.jsonl"
     C.main(["--method", "keywords", "--forget", str(f), "--retain", str(r), "--out", str(out), "--min-z", "1.0"])
-    texts = data.read_corpus(out)
-    assert texts == [losses.keyword_document(t, set(words)) for t in forget]
-    assert len(texts) == len(forget) and all(set(t.lower().split()) <= set(words) for t in texts)
-    assert texts[0].split()[:2] == ["anthrax", "spores"]   # in document order, original case kept
+    idx, texts = C.read_coreset(out, [str(f)], [len(forget)], with_texts=True)
+    assert idx == [list(range(len(forget)))]
+    assert [texts[0][i] for i in idx[0]] == [losses.keyword_document(t, set(words)) for t in forget]
+    assert all(set(t.lower().split()) <= set(words) for t in texts[0].values())
+    assert texts[0][0].split()[:2] == ["anthrax", "spores"]   # in document order, original case kept
     rec = json.loads((tmp_path / "kw.json").read_text())
     assert [k["word"] for k in rec["files"][0]["keywords"]] == words and words[0] == "anthrax"
+    # a ratio samples first, with the random coreset's draw; the keywords come from the sample alone
+    C.main(["--method", "keywords", "--forget", str(f), "--retain", str(r), "--out", str(out), "--min-z", "1.0",
+            "--ratio", "3", "--seed", "5"])
+    assert C.read_coreset(out, [str(f)], [len(forget)]) == [sorted(C.random_indices(len(forget), 3, 5, 0).tolist())]
 
 
 # ----------------------------------------------------------------------------------------------- unlearn reads it
@@ -381,7 +392,7 @@ def fake_unlearn(calls):
         n = 1 if cfg.coreset is None else len(Path(cfg.coreset).read_text().splitlines())
         acc = 0.25 + 0.01 * n + 0.002 * cfg.seed
         return {"steps": cfg.steps, "train_s": 0.1, "coreset": {"n_docs": [13, 9], "n_selected": [n]},
-                "args": given,
+                "args": given, "budget": {"steps": cfg.steps, "epochs": 0.5, "forget": [{"docs_seen": n}]},
                 "eval": {"before": {"toy_hazard": {"acc": 0.8}, "toy_general": {"acc": 0.6}},
                          "after": {"toy_hazard": {"acc": acc}, "toy_general": {"acc": 0.59}}}}
     return run
@@ -419,7 +430,7 @@ def test_sweep_resumes_and_reports(tiny, tmp_path, monkeypatch):
         assert (out / f).is_file() and (tmp_path / "docs" / f"sweep.{f.split('.')[1]}").is_file()
     md = (out / "results.md").read_text()
     assert "base model" in md and "80.0" in md and "20%" in md and "100%" in md
-    assert "| random | 20% | 5 | 30.1 ± 0.1 | 59.0 ± 0.0 | 2 |" in md
+    assert "| random | 20% | 5 | 3 | 0.5 | 30.1 ± 0.1 | 59.0 ± 0.0 | 2 |" in md
     # rerun: every cell has its result -> no unlearning at all
     S.main(argv)
     assert len(calls) == 4
@@ -459,7 +470,8 @@ def test_sweep_overrides():
     assert S.select_overrides("--mink-k 0.2 --order high") == {"mink_k": 0.2, "order": "high"}
     assert S.select_overrides("") == {}
     args = S.build_parser().parse_args(["--method", "npo", "--steps", "4", "--unlearn-args", "--lr 1e-4 --beta 0.2"])
-    ov = S.unlearn_overrides(args, 3, Path("/tmp/c"), coreset_file="/tmp/c/coreset.jsonl")
+    ov = S.unlearn_overrides(args, 3, Path("/tmp/c"), coreset_file="/tmp/c/coreset.jsonl",
+                             cell_budget=S.cell_budget(args, [13]))
     assert ov["method"] == "npo" and ov["seed"] == 3 and ov["steps"] == 4 and ov["coreset"] == "/tmp/c/coreset.jsonl"
     assert ov["lr"] == 1e-4 and ov["beta"] == 0.2 and ov["save"] is False and "eval_limit" not in ov
 
@@ -511,6 +523,67 @@ def test_keywords_per_forget_file(tiny, tmp_path):
     out = tmp_path / "kw.jsonl"
     rec = C.select(C.SelectConfig(method="keywords", forget=f"{tiny['f1']},{tiny['f2']}", retain=tiny["f2"],
                                   out=str(out), min_z=-100, min_count=1, keep_stopwords=True))
-    outs = rec["forget_out"].split(",")
-    assert [Path(o).name for o in outs] == ["kw.f1.jsonl", "kw.f2.jsonl"] and all(Path(o).is_file() for o in outs)
-    assert (tmp_path / "kw.json").is_file()
+    assert (tmp_path / "kw.json").is_file() and rec["coreset"] == str(out)
+    idx, texts = C.read_coreset(out, [tiny["f1"], tiny["f2"]], [f["documents"] for f in rec["files"]], with_texts=True)
+    assert [len(i) for i in idx] == [f["selected"] for f in rec["files"]] and all(len(t) for t in texts)
+
+
+# ----------------------------------------------------------------------------------------------- the method's own loss
+
+def test_grand_scores_with_the_loss_of_the_method_being_run(tiny, tmp_path, monkeypatch):
+    """GraNd-NPO and GraNd-RMU score differently, and the sweep scores an NPO cell with the NPO loss."""
+    lines = {}
+    for loss in ("rmu", "npo"):
+        C.select(sel_args(tiny, tmp_path / f"{loss}.jsonl", "--grand-loss", loss, method="grand", ratio="0.5"))
+        lines[loss] = read_lines(tmp_path / f"{loss}.jsonl")
+    scores = {k: sorted((x["file"], x["index"], x["score"]) for x in v) for k, v in lines.items()}
+    assert [s[2] for s in scores["rmu"]] != pytest.approx([s[2] for s in scores["npo"]], rel=1e-3)
+    import unlearn
+    calls, seen = [], []
+    monkeypatch.setattr(unlearn, "run", fake_unlearn(calls))
+    real = C.grand_scores
+    monkeypatch.setattr(C, "grand_scores", lambda model, tok, docs, loss, *a, **k: seen.append(loss) or
+                        real(model, tok, docs, loss, *a, **k))
+    S.main(sweep_argv(tiny, tmp_path, "--method", "npo", "--select", "grand", "--ratios", "0.5", "--seeds", "0",
+                      "--unlearn-args", ""))
+    assert seen == ["npo", "npo"] and calls[0].method == "npo"
+
+
+def make_dry(*args):
+    r = subprocess.run(["make", "-n", *args, "PY=python3"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_passes_the_methods_loss_the_retain_contrast_and_seed_42():
+    out = make_dry("wmdp-npo", "SELECT=grand")
+    assert "--grand-loss npo" in out and "--seed 42" in out
+    assert "--grand-loss rmu" in make_dry("wmdp-rmu", "SELECT=grand")
+    kw = make_dry("wmdp-rmu", "SELECT=keywords", "RATIO=0.05")
+    assert "--method keywords" in kw and "--retain data/toy/retain_corpus.jsonl" in kw
+    assert "--coreset runs/wmdp-rmu-keywords-r0.05-s42.coreset.jsonl" in kw
+    assert "--epochs 2" in make_dry("wmdp-rmu", "EPOCHS=2")
+    sweep = make_dry("sweep", "BUDGET=equal-epochs", "EPOCHS=3")
+    assert "--budget equal-epochs" in sweep and "--epochs 3" in sweep and "sweep-rmu-random-equal-epochs" in sweep
+    assert "budget_curve.py" in make_dry("budget-curve", "EVERY=5") and "--every 5" in make_dry("budget-curve", "EVERY=5")
+
+
+@pytest.mark.make
+@pytest.mark.skipif(shutil.which("make") is None or not (ROOT / "data/toy/model/model.safetensors").is_file(),
+                    reason="no make, or the embedded toy is not built")
+def test_keyword_pipeline_through_make_on_the_toy(tmp_path):
+    """make wmdp-rmu SELECT=keywords: coreset.py writes the keyword coreset (retain contrast from the target's
+    retain corpus), unlearn.py trains on the reduced texts, budgeted against the full forget set."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run(["make", "-s", "wmdp-rmu", "SELECT=keywords", "RATIO=0.05", "EPOCHS=1", f"OUT={tmp_path}",
+                        f"PY={sys.executable}", "UNLEARN_FLAGS=--eval-limit 8 --no-progress --no-save"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| rmu" in r.stdout and "keywords" in r.stdout
+    rec = json.loads((tmp_path / "wmdp-rmu-keywords-r0.05-s42" / "run.json").read_text())
+    assert rec["coreset"]["texts_from_coreset"] and rec["coreset"]["n_selected"] == [22]
+    b = rec["budget"]["forget"][0]
+    assert (b["docs_available"], b["docs_selected"], b["docs_seen"]) == (450, 22, 22)
+    sel = json.loads((tmp_path / "wmdp-rmu-keywords-r0.05-s42.coreset.json").read_text())
+    assert sel["method"] == "keywords" and sel["argv"][sel["argv"].index("--retain") + 1].endswith("retain_corpus.jsonl")

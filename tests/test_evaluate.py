@@ -422,7 +422,7 @@ def test_cli_writes_results_json(word_model, data_dir, tmp_path, capsys):
 def test_run_returns_the_record_it_writes(word_model, data_dir, tmp_path):
     path, model, tok = word_model
     args = argparse.Namespace(model=str(path), data=str(data_dir), tasks="toy_hazard", out=str(tmp_path / "r.json"),
-                              batch_size=4, limit=3, no_progress=True, auc_retrain=None, bos=None, ll_dtype="model",
+                              batch_size=4, limit=3, no_progress=True, auc_retrain=None, preset="current", bos=None, ll_dtype=None,
                               batch_tokens=0, device="cpu", dtype="float32", overwrite=False, allow_nonfinite=False)
     rec = E.run(args)
     assert json.loads((tmp_path / "r.json").read_text())["results"] == json.loads(json.dumps(rec["results"]))

@@ -334,7 +334,21 @@ def rmu_run(ckpt, tmp_path_factory):
 def npo_run(ckpt, tmp_path_factory):
     # a full forward and backward through 30 layers per step, and AdamW over all 135M parameters: keep it small
     return unlearn_run(ckpt, tmp_path_factory.mktemp("npo"), "npo",
-                       ["--steps", "2", "--batch-size", "1", "--forget-max-len", "32", "--retain-max-len", "32"])
+                       ["--steps", "2", "--batch-size", "1", "--forget-max-len", "32", "--retain-max-len", "32",
+                        "--order", "file"])
+
+
+def test_real_model_dry_run_records_its_budget(ckpt, tmp_path):
+    """A two-step RMU dry run on the real checkpoint, shuffled, on a 4-document coreset of 6: run.json's budget says
+    2 steps, one epoch, every selected document seen once; the retain file's coverage too."""
+    rec = unlearn_run(ckpt, tmp_path, "rmu", ["--layer-id", "7", "--layer-ids", "5,6,7", "--steps", "2",
+                                              "--ratio", "4", "--order", "shuffle", "--no-save"])[0]
+    b = rec["budget"]
+    assert (b["rule"], b["order"], b["steps"], b["micro_batches"], b["epochs"]) == ("steps", "shuffle", 2, 2, 1.0)
+    assert [(f["docs_available"], f["docs_selected"], f["docs_seen"], f["items_drawn"]) for f in b["forget"]] == \
+        [(6, 4, 4, 4)]
+    assert [(r["docs_available"], r["docs_seen"]) for r in b["retain"]] == [(6, 4)]
+    assert rec["steps"] == 2 and len(rec["loss"]) == 2 and rec["memory_estimate_bytes"]["trained_params"] == 3 * 1536 * 576
 
 
 def changed_tensors(ckpt, export):

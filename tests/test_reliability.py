@@ -152,10 +152,10 @@ def test_interrupt_during_the_evaluation_after_training_keeps_the_previous_run(p
     before = snapshot(out)
     real = unlearn.evaluate_model
 
-    def interrupted(cfg, model, tok, dtype, base):
+    def interrupted(cfg, model, tok, dtype, settings, base):
         if not base:  # the evaluation after training: Ctrl-C arrives here
             signal.raise_signal(signal.SIGINT)
-        return real(cfg, model, tok, dtype, base)
+        return real(cfg, model, tok, dtype, settings, base)
     monkeypatch.setattr(unlearn, "evaluate_model", interrupted)
     with pytest.raises(SystemExit) as e:
         unlearn.main(["--steps", "1", "--ratio", "4", "--eval-limit", "2", "--no-progress", "--out", str(out)])

@@ -76,10 +76,11 @@ def test_rmu_changes_only_chosen_matrices(tiny, tmp_path):
 
 
 def naive_acts(model, ids, mask, layer):
-    """Residual stream after `layer`, from a full forward (logits and all) with a hook: the reference's way."""
+    """Residual stream after `layer`, from a full forward (logits and all) with a hook: the reference's way (left-pad
+    rows attend to their whole row, as transformers 4.38.2 with sdpa on CUDA; test_rmu_padding checks that)."""
     grab = []
     h = model.model.layers[layer].register_forward_hook(lambda mod, i, o: grab.append(o))
-    model(ids, mask)
+    model(ids, mask, pad_rows="all")
     h.remove()
     return grab[0]
 
@@ -254,7 +255,7 @@ def test_cached_reference_logps_equal_live(tiny, tmp_path):
     assert torch.allclose(cached, (logp * mask[:, 1:]).sum(-1), rtol=1e-5)
     assert ntok.tolist() == mask[:, 1:].sum(-1).float().tolist()
     rec = U.run(args_for(tiny, tmp_path / "o", "--steps", "3", "--lr", "1e-3", "--no-save", "--beta", "0.1",
-                         method="npo"))
+                         "--order", "file", method="npo"))
     assert rec["loss_parts"][0]["forget"] == pytest.approx(20 * math.log(2), rel=1e-5)
     assert rec["loss_parts"][2]["forget"] < rec["loss_parts"][0]["forget"]
 
@@ -335,14 +336,6 @@ def test_ratio_draws_the_same_documents_as_coreset_random(tiny, tmp_path):
     rec = coreset.select(coreset.SelectConfig(method="random", forget=f"{tiny['forget']},{tiny['forget2']}",
                                               ratio=0.2, seed=3, out=str(tmp_path / "cs.jsonl"), progress=False))
     assert sel == coreset.read_coreset(rec["coreset"], cfg.forget, [30, 11]) and [len(x) for x in sel] == [6, 2]
-
-
-def test_schedule_cycles_and_interleaves():
-    plan = methods.schedule(7, 1, 2, [1, 3], [4], [0, 0])
-    assert [m[0] for m in plan] == [(0, 0, 0, 0), (1, 0, 0, 0), (0, 0, 0, 1), (1, 1, 0, 1), (0, 0, 0, 2),
-                                    (1, 2, 0, 2), (0, 0, 0, 3)]
-    plan = methods.schedule(2, 3, 1, [2], [5, 5], [0])
-    assert [len(m) for m in plan] == [3, 3] and [x[1] for m in plan for x in m] == [0, 1, 0, 1, 0, 1]
 
 
 def test_coreset_file(tiny, tmp_path):
@@ -503,3 +496,134 @@ def test_eval_cache_key_follows_model_and_question_files(tiny, tmp_path):
     cfg = Path(tiny["model"]) / "config.json"
     os.utime(cfg, ns=(cfg.stat().st_atime_ns, cfg.stat().st_mtime_ns + 10**9))
     assert key_of(torch.float32) != key
+
+
+# ----------------------------------------------------------------------------------------------- the reference's pads
+
+def transformers_4_38_sdpa_mask(mask, dtype=torch.float32):
+    """The additive (B, 1, T, T) mask transformers 4.38.2 gave Llama/Mistral attention with sdpa on CUDA (the WMDP
+    reference's setup): _prepare_4d_causal_attention_mask_for_sdpa = causal, pads masked as keys, finfo.min where
+    masked; then AttentionMaskConverter._unmask_unattended set every fully masked row (a left pad's) to 0, i.e.
+    that query attends to every position of its row, future included."""
+    B, T = mask.shape
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None] & mask[:, None, :].bool()   # (B, T, T)
+    bias = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return bias.masked_fill(~allowed.any(-1)[:, None, :, None], 0.0)
+
+
+def test_the_4_38_mask_rule_on_its_own_docstring_example():
+    """_unmask_unattended's docstring (transformers 4.38): attention_mask [[0,0,1],[1,1,1],[0,1,1]] -> attended
+    [[1,1,1],[1,1,1],[0,0,1]], [[1,0,0],[1,1,0],[1,1,1]], [[1,1,1],[0,1,0],[0,1,1]]."""
+    attended = transformers_4_38_sdpa_mask(torch.tensor([[0, 0, 1], [1, 1, 1], [0, 1, 1]]))[:, 0] == 0
+    assert attended.int().tolist() == [[[1, 1, 1], [1, 1, 1], [0, 0, 1]], [[1, 0, 0], [1, 1, 0], [1, 1, 1]],
+                                       [[1, 1, 1], [0, 1, 0], [0, 1, 1]]]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rmu_loss_with_pads_equals_transformers(tiny, attn):
+    """The full RMU loss (forget and retain terms over every position, left pads included) on left-padded EOS
+    batches equals the one computed from transformers' LlamaForCausalLM hidden states under the reference's
+    masking (transformers 4.38.2, sdpa, CUDA: pad rows attend to the whole row; position_ids 0..T-1)."""
+    from transformers import LlamaForCausalLM
+    tok = load_tokenizer(tiny["model"])
+    from data import read_corpus
+    fi, fm = left_batch(tok, read_corpus(tiny["forget"])[:4], 64)
+    ri, rm = left_batch(tok, read_corpus(tiny["retain"])[4:8], 64)
+    assert (fm == 0).sum() > 10 and (rm == 0).sum() > 10
+    hf_frozen = LlamaForCausalLM.from_pretrained(tiny["model"], attn_implementation=attn, dtype=torch.float32)
+    hf_upd = copy.deepcopy(hf_frozen)
+    ours = Transformer.from_pretrained(tiny["model"])
+    names = [f"model.layers.{i}.mlp.down_proj.weight" for i in (1, 2)]
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():   # the updated model has moved away from the frozen one
+        for n in names:
+            delta = 0.05 * torch.randn(dict(ours.named_parameters())[n].shape, generator=g)
+            dict(ours.named_parameters())[n].add_(delta)
+            dict(hf_upd.named_parameters())[n].add_(delta)
+    # ours: the frozen path holds copies of the frozen matrices
+    ours.requires_grad_(False)
+    rmu = U.RMU(ours, {n: dict(ours.named_parameters())[n] for n in names}, 2, [1, 2], "all")
+    rmu.frozen = {n: dict(hf_frozen.named_parameters())[n].detach().clone() for n in names}
+    c = losses.control_vector(32, 5.0, 0, 0)
+    r_h = rmu.trunk(ri, rm)
+    loss, lf, lr_ = rmu.loss(rmu.trunk(fi, fm), fm, c, r_h, rm, rmu.frozen_acts(r_h, rm), 300.0)
+
+    def hf_act(m, ids, mask):
+        pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+        with torch.no_grad():
+            return m(input_ids=ids, attention_mask=transformers_4_38_sdpa_mask(mask), position_ids=pos,
+                     output_hidden_states=True).hidden_states[3]   # after decoder layer 2
+    af, ar, ar0 = hf_act(hf_upd, fi, fm), hf_act(hf_upd, ri, rm), hf_act(hf_frozen, ri, rm)
+    want_f, want_r = ((af - c) ** 2).mean(), ((ar - ar0) ** 2).mean()
+    assert lf.item() == pytest.approx(want_f.item(), rel=1e-5) and lr_.item() == pytest.approx(want_r.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((want_f + 300.0 * want_r).item(), rel=1e-5)
+    # the pad positions are what differs: attending only to itself gives another loss
+    own = U.RMU(ours, {n: dict(ours.named_parameters())[n] for n in names}, 2, [1, 2], "self")
+    own.frozen = rmu.frozen
+    assert own.loss(own.trunk(fi, fm), fm, c, r_h, rm, rmu.frozen_acts(r_h, rm), 300.0)[1].item() != \
+        pytest.approx(want_f.item(), rel=1e-3)
+    # real tokens agree whatever the pad rule
+    real = fm.bool()
+    assert torch.allclose(ours(fi, fm, until_layer=2, pad_rows="self")[real], af[real], atol=1e-5)
+
+
+def test_fp32_master_weights_keep_updates_pure_bf16_loses(tiny, tmp_path):
+    """NPO on bf16 weights at a learning rate whose per-step update is below half a bf16 ulp for |w| in
+    [1/16, 1/8): pure bf16 leaves those weights unchanged, the default fp32 master copy moves them."""
+    base = Transformer.from_pretrained(tiny["model"], dtype=torch.bfloat16).state_dict()
+    flags = ["--dtype", "bfloat16", "--lr", "1e-4", "--steps", "12", "--warmup", "0", "--lr-schedule", "constant",
+             "--max-grad-norm", "0"]
+    moved = {}
+    for name, extra in (("master", []), ("pure", ["--no-fp32-optimizer-state"])):
+        rec = U.run(args_for(tiny, tmp_path / name, *flags, *extra, method="npo"))
+        assert rec["config"]["fp32_optimizer_state"] == (name == "master")
+        after = Transformer.from_pretrained(tmp_path / name / "model", dtype=torch.bfloat16).state_dict()
+        band = [(base[k], after[k]) for k in base if "proj" in k]
+        moved[name] = sum(int(((a != b) & (a.abs() >= 1 / 16) & (a.abs() < 1 / 8)).sum()) for a, b in band)
+    assert moved["pure"] == 0 and moved["master"] > 50, moved
+
+
+def test_eval_settings_reach_the_evaluator_and_the_cache_key(tiny, tmp_path, monkeypatch):
+    import evaluate
+    seen = []
+    real = evaluate.evaluate_tasks
+
+    def spy(*a, **k):
+        seen.append((k.get("bos"), k.get("ll_dtype")))
+        return real(*a, **k)
+    monkeypatch.setattr(evaluate, "evaluate_tasks", spy)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "toy_hazard.jsonl").write_text(
+        '{"question": "the quick", "choices": ["fox", "dog", "river", "stone"], "answer": 0}\n' * 3)
+    common = ["--data", str(data), "--eval-tasks", "toy_hazard", "--steps", "1", "--no-save"]
+    rec = U.run(args_for(tiny, tmp_path / "a", *common, "--eval-preset", "wmdp-published"))
+    assert rec["eval"]["settings"] == {"preset": "wmdp-published", "bos_rule": "lm-eval-0.4.2", "bos": False,
+                                       "ll_dtype": "float32"}
+    assert seen == [(False, "float32")] * 2 and rec["eval"]["before_cached"] is False
+    rec = U.run(args_for(tiny, tmp_path / "b", *common, "--eval-bos", "yes"))   # another setting: not the cache
+    assert seen[2:] == [(True, "model")] * 2 and rec["eval"]["before_cached"] is False
+    rec = U.run(args_for(tiny, tmp_path / "c", *common, "--eval-preset", "wmdp-published"))
+    assert rec["eval"]["before_cached"] is True and seen[4:] == [(False, "float32")]
+    with pytest.raises(methods.ConfigError, match="--eval-preset"):
+        methods.resolve({"eval_preset": "lm-eval-0.3"})
+
+
+def test_memory_estimate_and_the_refusal():
+    """The estimate for Zephyr-7B (config.json values): NPO with fp32 master weights and Adam state needs ~16 bytes
+    per parameter; on an 80 GB card that is one line naming both numbers and the options. RMU fits."""
+    zephyr = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, vocab_size=32000,
+                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False)
+    npo = methods.resolve({"method": "npo", "model": "/nonexistent", "forget": ["f"], "retain": ["r"]})
+    est = methods.memory_estimate(npo, zephyr, 2)
+    assert est["params"] == 7_241_732_096 and est["trained_params"] == est["params"]
+    assert est["weights"] + est["gradients"] + est["optimizer"] == 16 * est["params"]   # ~ 116 GB before activations
+    with pytest.raises(methods.ConfigError) as e:
+        methods.check_memory(est, 80 * 2**30, "cuda:0", npo)
+    msg = str(e.value)
+    assert "\n" not in msg and f"{est['total'] / 2**30:.0f} GiB" in msg and "80 GiB" in msg
+    assert "--no-fp32-optimizer-state" in msg and "several GPUs" in msg
+    rmu = methods.resolve({"method": "rmu", "model": "/nonexistent", "forget": ["f"], "retain": ["r"]})
+    est = methods.memory_estimate(rmu, zephyr, 2)
+    assert est["trained_params"] == 3 * 14336 * 4096
+    methods.check_memory(est, 80 * 2**30, "cuda:0", rmu)   # fits: no error
