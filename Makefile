@@ -139,7 +139,7 @@ bench-unlearn: $(SETUP)
 #   its own set; STEPS=N: N steps for every cell.
 #   make sweep-select METHOD=rmu RATIO=0.05 SELECTS="random loss zlib mink minkpp grand moderate" SEEDS="0 1 2"
 #     -> $(OUT)/sweep-select-<method>-r<ratio>/results.{md,json,png}
-# SWEEP_FLAGS adds coreset_sweep.py flags (e.g. --docs docs/coreset_sweep, --keep-models, --select-args "...").
+# SWEEP_FLAGS adds coreset_sweep.py flags (e.g. --docs docs/sweep_rmu_equal_steps, --keep-models, --select-args "...").
 METHOD  ?= rmu
 RATIOS  ?= 0.01 0.05 0.1 0.2 1.0
 SEEDS   ?= 0 1 2

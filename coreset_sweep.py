@@ -71,10 +71,14 @@ def build_parser():
     p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags, e.g. \"--lr 1e-4 --batch-size 4\"")
     p.add_argument("--select-args", default="", help="extra selection flags, e.g. \"--mink-k 0.2 --order high\"")
     p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--eval-preset", default=None, help="evaluator settings of every cell: current | wmdp-published "
+                   "(default: unlearn.py's, current)")
+    p.add_argument("--eval-bos", default=None, help="BOS rule: config | yes | no | lm-eval-0.4.2 (default: the preset's)")
+    p.add_argument("--eval-ll-dtype", default=None, help="log-softmax dtype: model | float32 (default: the preset's)")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--keep-models", action="store_true", help="keep each cell's unlearned checkpoint")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from finished cells")
-    p.add_argument("--docs", default=None, help="also copy results.{md,json,png} to this prefix (e.g. docs/coreset_sweep)")
+    p.add_argument("--docs", default=None, help="also copy results.{md,json,png} to this prefix (e.g. docs/sweep_rmu_equal_steps)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -95,7 +99,8 @@ def unlearn_overrides(args, seed, cdir, coreset_file=None, cell_budget=None) -> 
           "seed": seed, "out": str(cdir / "run"), "eval_cache_dir": str(cdir.parent / ".eval_cache"),
           "data": args.data, "eval_tasks": args.tasks, "eval_batch_size": args.eval_batch_size,
           "eval_limit": args.eval_limit, "device": args.device, "save": args.keep_models,
-          "progress": not args.no_progress, "coreset": coreset_file}
+          "progress": not args.no_progress, "coreset": coreset_file, "eval_preset": args.eval_preset,
+          "eval_bos": args.eval_bos, "eval_ll_dtype": args.eval_ll_dtype}
     ov = {k: v for k, v in ov.items() if v is not None}
     ov.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
     ov.update(cell_budget or {})

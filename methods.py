@@ -60,6 +60,8 @@ class UnlearnConfig:
     eval_ll_dtype: str | None = None      # model | float32 (None: the preset's)
     eval_every: int = 0                   # also evaluate every N steps during training (budget curve); 0: off
     min_chars: int = 0                    # documents with len(text) > min_chars (reference min_len 0)
+    raw_json_topics: list = field(default_factory=list)   # forget topics read as raw JSON lines (the reference
+                                          # reads cyber-forget-corpus so: --raw-json-topics 1); [] parses the text
     device: str | None = None             # None: cuda when available
     dtype: str | None = None              # None: bf16 on CUDA (as the reference), fp32 on CPU
     save: bool = True                     # write the checkpoint (run.json is always written)
@@ -121,7 +123,7 @@ class NPOConfig(UnlearnConfig):
 
 
 LIST_FIELDS = {"forget": str, "retain": str, "eval_tasks": str, "forget_max_len": int, "steering_coeffs": float,
-               "alpha": float, "layer_ids": int, "params": str}
+               "alpha": float, "layer_ids": int, "params": str, "raw_json_topics": int}
 # data/toy/defaults.json may spell a few keys as the reference's flags do
 TOY_KEY_ALIASES = {"steering_coeff": "steering_coeffs", "max_len": "forget_max_len", "retain_len": "retain_max_len",
                    "eps": "adam_eps", "max_num_steps": "max_num_batches", "retain_coeff": "gamma"}
@@ -277,6 +279,8 @@ def check(cfg):
     if not cfg.max_grad_norm >= 0:
         _fail("max_grad_norm", cfg.max_grad_norm, "a number > 0, or 0 for no clipping")
     resolve_dtype(cfg.dtype, "cpu")  # the one dtype-name check (infra)
+    if any(not 0 <= t < len(cfg.forget) for t in cfg.raw_json_topics):
+        _fail("raw_json_topics", ",".join(map(str, cfg.raw_json_topics)), f"forget topic indices in 0..{len(cfg.forget) - 1}")
     if len(cfg.retain) not in (1, len(cfg.forget)):
         raise ConfigError(f"--retain: expected one file or one per forget file ({len(cfg.forget)}), "
                           f"got {len(cfg.retain)}")
@@ -446,6 +450,20 @@ def check_memory(est: dict, device_bytes: int, device: str, cfg):
                       + "; ".join(opts) + " (--no-memory-check runs anyway)")
 
 
+def check_device_memory(cfg, device, dtype) -> dict | None:
+    """memory_estimate for this run (None when config.json cannot be read: loading reports it); on a GPU a run
+    that cannot fit stops here, before loading."""
+    try:
+        mc = json.loads((Path(cfg.model) / "config.json").read_text())
+        est = memory_estimate(cfg, mc, torch.finfo(dtype).bits // 8)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None   # an unreadable config.json: loading reports it
+    if device.type == "cuda" and cfg.memory_check:
+        free = torch.cuda.get_device_properties(device).total_memory
+        check_memory(est, free, str(device), cfg)
+    return est
+
+
 def describe(cfg) -> str:
     """The resolved configuration as JSON (what --print-config shows)."""
     from dataclasses import asdict
@@ -453,4 +471,5 @@ def describe(cfg) -> str:
 
 
 __all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "method_defaults",
-           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW", "memory_estimate", "check_memory"]
+           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW", "memory_estimate", "check_memory",
+           "check_device_memory"]

@@ -23,8 +23,8 @@ only --params of --layer-ids train; topics interleaved; left padding with EOS; s
 #batches of the smallest FULL forget file, of the smallest retain file), so a coreset is cycled to the same number
 of steps. Efficient, same numbers: the forward stops at
 layer L; layers below min(layer_ids) run once without gradients and feed both the updated and the frozen path; the
-frozen model is not a second model but copies of the trained matrices (torch.func.functional_call); recurring
-trunk outputs and frozen targets are cached within --cache-gib. Losses in fp32.
+frozen model is not a second model but copies of the trained matrices (objectives.py); recurring trunk outputs
+and frozen targets are cached within --cache-gib. Losses in fp32.
 
 NPO family (REFERENCE section 3): per step one forget batch (topics interleaved, right padding) and one retain
 batch; fp32 master weights and Adam state for bf16 weights (--no-fp32-optimizer-state: pure bf16); npo / simnpo /
@@ -55,7 +55,8 @@ import coreset
 import evaluate
 import losses
 import methods
-from data import read_corpora
+from objectives import RMU, ActCache, forget_loss, retain_ce, retain_kl, sequence_logps
+from data import read_corpora, read_corpus
 from infra import (ProjectError, atomic_write_json, check_output, cli_main, is_run_dir, peak_memory, per_topic, progress_bar,
                    resolve_dtype, run_info, staged_dir)
 from loglik import eval_settings
@@ -122,110 +123,6 @@ def build(cfg, model):
         opt = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                 fused=cuda or None, foreach=None if cuda else True)
     return train, opt
-
-
-# ----------------------------------------------------------------------------------------------- RMU
-
-class RMU:
-    """RMU's forward passes with a shared, gradient-free trunk and a frozen path made of copies of the trained
-    matrices only. loss(...) is losses.rmu_loss on activations equal to full-model ones."""
-
-    def __init__(self, model, train: dict, layer_id: int, layer_ids: list, pad_rows: str = "all"):
-        self.model, self.L, self.lo, self.pad_rows = model, layer_id, min(layer_ids), pad_rows
-        self.frozen = {n: p.detach().clone() for n, p in train.items()}  # only the trained matrices
-
-    def trunk(self, ids, mask):
-        """(B, T, d) input of layer lo (output of layer lo - 1), no gradients."""
-        with torch.no_grad():
-            if self.lo == 0:
-                return self.model.model.embed_tokens(ids)
-            return self.model(ids, mask, until_layer=self.lo - 1, pad_rows=self.pad_rows)
-
-    def updated(self, h, mask):
-        return self.model(hidden_states=h, attention_mask=mask, from_layer=self.lo, until_layer=self.L,
-                          pad_rows=self.pad_rows)
-
-    def frozen_acts(self, h, mask):
-        with torch.no_grad():
-            return torch.func.functional_call(self.model, self.frozen, (), dict(
-                hidden_states=h, attention_mask=mask, from_layer=self.lo, until_layer=self.L, pad_rows=self.pad_rows),
-                strict=False)
-
-    def loss(self, f_h, f_mask, c, r_h, r_mask, r_target, alpha, f_counted=None, r_counted=None):
-        """f_h / r_h: trunk outputs (B, T, d); r_target: frozen activations -> (loss, forget term, retain term)."""
-        return losses.rmu_loss(self.updated(f_h, f_mask), c, self.updated(r_h, r_mask), r_target, alpha,
-                               f_counted, r_counted)
-
-
-class ActCache:
-    """Keeps values of keys that will be asked for again (uses counted ahead), within a byte budget."""
-
-    def __init__(self, uses: dict, budget_bytes: float):
-        self.left, self.budget, self.used, self.store = dict(uses), budget_bytes, 0, {}
-        self.hits = 0
-
-    def get(self, key, fn):
-        self.left[key] = self.left.get(key, 1) - 1
-        if key in self.store:
-            self.hits += 1
-            val = self.store[key]
-            if self.left[key] <= 0:
-                del self.store[key]
-                self.used -= nbytes(val)
-            return val
-        val = fn()
-        if self.left[key] > 0 and self.used + nbytes(val) <= self.budget:
-            self.store[key] = val
-            self.used += nbytes(val)
-        return val
-
-
-def nbytes(val):
-    return sum(v.numel() * v.element_size() for v in val if isinstance(v, torch.Tensor))
-
-
-# ----------------------------------------------------------------------------------------------- NPO family
-
-def sequence_logps(model, ids, mask):
-    """Per-sequence (sum of target log-probs (B,), number of targets (B,)), no gradients."""
-    from lpkernels import fused_logprob
-    with torch.no_grad():
-        h = model(ids, mask, output="hidden")                                   # (B, T, d)
-        tgt = losses.next_token_targets(ids, mask)
-        lp = fused_logprob(h, model.lm_head_weight, tgt)                        # (B, T) fp32
-        return lp.sum(-1), (tgt != -100).sum(-1).float()
-
-
-def forget_loss(cfg, model, ids, mask, ref=None):
-    """The forget term of one batch through lpkernels.fused_sequence_loss. ref: (B,) reference log-probs (NPO)."""
-    from lpkernels import fused_sequence_loss
-    h = model(ids, mask, output="hidden")                                       # (B, T, d)
-    B, T, d = h.shape
-    tgt = losses.next_token_targets(ids, mask).reshape(-1)
-    h, W = h.reshape(B * T, d), model.lm_head_weight
-    if cfg.method == "npo":
-        return fused_sequence_loss(h, W, tgt, [T] * B, lambda lp, r: losses.npo_loss(lp, r, cfg.beta), extras=(ref,),
-                                   mean_tokens=cfg.npo_mean_tokens)
-    if cfg.method == "simnpo":
-        return fused_sequence_loss(h, W, tgt, [T] * B, lambda lp: losses.simnpo_loss(lp, cfg.beta, cfg.delta),
-                                   mean_tokens=True)
-    # graddiff: -CE, i.e. + the mean log-prob over all tokens of the batch (one "sequence")
-    return fused_sequence_loss(h, W, tgt, [B * T], lambda lp: lp, mean_tokens=True)
-
-
-def retain_ce(model, ids, mask):
-    from lpkernels import fused_sequence_loss
-    h = model(ids, mask, output="hidden")
-    B, T, d = h.shape
-    return fused_sequence_loss(h.reshape(B * T, d), model.lm_head_weight,
-                               losses.next_token_targets(ids, mask).reshape(-1), [B * T], lambda lp: -lp,
-                               mean_tokens=True)
-
-
-def retain_kl(model, ids, mask, ref_h, W_ref):
-    h = model(ids, mask, output="hidden")
-    keep = losses.next_token_targets(ids, mask) != -100                         # (B, T)
-    return losses.kl_ref_current(h[keep], model.lm_head_weight, ref_h.to(h.device, h.dtype), W_ref)
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -378,19 +275,6 @@ def is_previous_run(path) -> bool:
     return is_run_dir(path, {"run.json": None, "model": ckpt})
 
 
-def check_device_memory(cfg, device, dtype) -> dict | None:
-    """methods.memory_estimate for this run; on a GPU a run that cannot fit stops here, before loading."""
-    try:
-        mc = json.loads((Path(cfg.model) / "config.json").read_text())
-        est = methods.memory_estimate(cfg, mc, torch.finfo(dtype).bits // 8)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None   # an unreadable config.json: loading reports it
-    if device.type == "cuda" and cfg.memory_check:
-        free = torch.cuda.get_device_properties(device).total_memory
-        methods.check_memory(est, free, str(device), cfg)
-    return est
-
-
 def run(cfg, given=None) -> dict:
     """One unlearning run from a resolved config (methods.resolve) -> the run record (also <out>/run.json).
     given: the settings the caller set explicitly (recorded as "args"; the full config as "config").
@@ -403,13 +287,13 @@ def run(cfg, given=None) -> dict:
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     info = run_info(dict(given) if given is not None else None)
-    forget_docs = read_corpora(cfg.forget, cfg.min_chars)
+    forget_docs = [read_corpus(f, cfg.min_chars, raw=t in cfg.raw_json_topics) for t, f in enumerate(cfg.forget)]
     real = [os.path.realpath(f) for f in cfg.retain]
     uniq = list(dict.fromkeys(real))  # wikitext,wikitext: one corpus
     retain_docs = read_corpora([cfg.retain[real.index(u)] for u in uniq], cfg.min_chars)
     retain_of = [uniq.index(r) for r in (real if len(real) > 1 else real * len(cfg.forget))]
     sel, forget_sel = select_texts(cfg, forget_docs)
-    memory = check_device_memory(cfg, device, dtype)
+    memory = methods.check_device_memory(cfg, device, dtype)
     settings = eval_settings(cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype, cfg.model)
     torch.manual_seed(cfg.seed)
     model, tok = load(cfg.model, device, dtype)
@@ -506,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-ll-dtype", choices=["model", "float32"], help="log-softmax dtype (default: the preset's)")
     p.add_argument("--eval-every", type=int, help="also evaluate every N steps (run.json's curve); 0: off")
     p.add_argument("--min-chars", type=int)
+    p.add_argument("--raw-json-topics", help="forget topics (0-based) read as raw JSON lines, as the reference reads "
+                   "the cyber corpus (--raw-json-topics 1)")
     p.add_argument("--device")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--save", action=argparse.BooleanOptionalAction, help="write the checkpoint (default on)")

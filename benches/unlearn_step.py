@@ -16,7 +16,7 @@ from infra import ProjectError, cli_main
 from losses import control_vector, rmu_loss
 from model import ModelConfig, Transformer
 from methods import HFAdamW
-from unlearn import RMU, ActCache
+from objectives import RMU, ActCache
 
 
 ZEPHYR_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -235,13 +235,17 @@ def _str_field(obj, key, where):
 # -----------------------------------------------------------------------------
 # corpora
 
-def read_corpus(path, min_chars=0):
+def read_corpus(path, min_chars=0, raw=False):
     """Documents of one corpus file (.jsonl "text", .txt one per line, wikitext*.txt, .parquet).
 
-    Keeps documents with len(text) > min_chars, in file order. -> list[str]
+    Keeps documents with len(text) > min_chars, in file order. raw (.jsonl only): each document is its line as it
+    stands, JSON syntax and newline included -- how WMDP's reference RMU reads every forget corpus but bio
+    (`raw_text = line`), i.e. the cyber corpus; the same documents, so coreset indices still apply. -> list[str]
     """
     path = str(path)
     ext = Path(path).suffix.lower()
+    if raw and ext != ".jsonl":
+        raise DataError(f"{path}: raw lines (--raw-json-topics) need a .jsonl file")
     if ext == ".txt":
         _need(path)
         wikitext = Path(path).name.lower().startswith("wikitext")
@@ -255,8 +259,13 @@ def read_corpus(path, min_chars=0):
         except UnicodeDecodeError:
             raise DataError(f"{path}:{len(docs) + 1}: expected UTF-8 text (is this a binary file?)") from None
     elif ext in (".jsonl", ".parquet"):
-        docs = [_str_field(obj, "text", where) for where, obj in _records(path, columns=["text"])]
-        docs = [d for d in docs if d]
+        recs = [(where, _str_field(obj, "text", where)) for where, obj in _records(path, columns=["text"])]
+        if raw:
+            with open(path, encoding="utf-8") as f:   # universal newlines, as the reference's open(..., "r")
+                lines = f.readlines()
+            docs = [lines[int(where.rsplit(":", 1)[1]) - 1] for where, t in recs if t]
+        else:
+            docs = [t for _, t in recs if t]
     else:
         raise DataError(f"{path}: expected a corpus file ending in .jsonl, .txt or .parquet")
     if not docs:

@@ -139,3 +139,32 @@ def test_sweep_refuses_cells_of_another_budget(tmp_path):
     assert S.finished(cell, {"steps": 5}) and not S.finished(tmp_path / "none", {"steps": 5})
     with pytest.raises(S.CoresetError, match="finished under budget"):
         S.finished(cell, {"epochs": 1.0})
+
+
+def test_budget_curve_evaluates_inside_both_runs(tiny, tmp_path, monkeypatch):
+    """budget_curve.py: the full set and a coreset, the same steps, evaluated at steps 0, K, 2K, ... and the end;
+    the step-0 point is the base model and the last equals the run's evaluation after training."""
+    import budget_curve
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    data = tmp_path / "data"
+    data.mkdir()
+    row = {"question": "the quick brown", "choices": ["fox", "dog", "river", "stone"], "answer": 0}
+    for name in ("toy_hazard", "toy_general"):
+        (data / f"{name}.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": 2}) + "\n")
+    out = tmp_path / "curve"
+    rec = budget_curve.main(["--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"],
+                             "--data", str(data), "--ratio", "6", "--steps", "5", "--every", "2", "--out", str(out),
+                             "--no-progress", "--unlearn-args", "--layer-id 2 --layer-ids 1,2 --lr 1e-2",
+                             "--docs", str(tmp_path / "docs" / "bc")])
+    full, core = rec["curves"]
+    assert [p["step"] for p in full["points"]] == [0, 2, 4, 5] == [p["step"] for p in core["points"]]
+    assert full["budget"]["steps"] == core["budget"]["steps"] == 5
+    assert full["budget"]["forget"][0]["docs_selected"] == 30 and core["budget"]["forget"][0]["docs_selected"] == 6
+    assert core["budget"]["forget"][0]["docs_seen"] == 6     # 5 steps of 4 = 3.3 epochs of the coreset
+    assert full["points"][0]["metrics"] == core["points"][0]["metrics"]   # both start from the base model
+    after = json.loads((out / "r6" / "run.json").read_text())["eval"]["after"]
+    assert core["points"][-1]["metrics"]["toy_hazard"] == after["toy_hazard"]["acc"]
+    assert rec["metrics"] == ["toy_hazard", "toy_general"]
+    for ext in ("json", "md", "png"):
+        assert (out / f"results.{ext}").is_file() and (tmp_path / "docs" / f"bc.{ext}").is_file()
+    assert "| 4 |" in (out / "results.md").read_text()

@@ -23,6 +23,7 @@ import data
 import helpers
 import losses
 import methods
+import objectives
 from infra import TOY_MODEL, ProjectError
 from model import Transformer, load_tokenizer
 
@@ -345,12 +346,12 @@ def test_grand_control_vectors_are_the_trainings(tiny, tmp_path, monkeypatch):
     assert rec["grand"] == {"layer_id": 2, "layer_ids": [1, 2], "steering_coeffs": [4.0, 9.0], "loss": "rmu"}
 
     seen_train = []
-    real_loss = unlearn.RMU.loss
+    real_loss = objectives.RMU.loss
 
     def loss_spy(self, f_h, f_mask, c, *a, **k):
         seen_train.append(c.detach().clone())
         return real_loss(self, f_h, f_mask, c, *a, **k)
-    monkeypatch.setattr(unlearn.RMU, "loss", loss_spy)
+    monkeypatch.setattr(objectives.RMU, "loss", loss_spy)
     cfg = methods.resolve({"method": "rmu", "model": tiny["model"], "forget": [tiny["f1"], tiny["f2"]],
                            "retain": [tiny["f2"]], "seed": 1, "steps": 2, "layer_id": 2, "layer_ids": [1, 2],
                            "steering_coeffs": [4.0, 9.0], "eval_tasks": [], "save": False, "progress": False,
@@ -474,6 +475,9 @@ def test_sweep_overrides():
                              cell_budget=S.cell_budget(args, [13]))
     assert ov["method"] == "npo" and ov["seed"] == 3 and ov["steps"] == 4 and ov["coreset"] == "/tmp/c/coreset.jsonl"
     assert ov["lr"] == 1e-4 and ov["beta"] == 0.2 and ov["save"] is False and "eval_limit" not in ov
+    args = S.build_parser().parse_args(["--eval-preset", "wmdp-published", "--eval-ll-dtype", "model"])
+    cfg = methods.resolve(S.unlearn_overrides(args, 0, Path("/tmp/c")))
+    assert (cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype) == ("wmdp-published", None, "model")
 
 
 # ----------------------------------------------------------------------------------------------- errors

@@ -480,3 +480,17 @@ def test_fetch_cli(tmp_path):
     assert sorted(os.listdir(tmp_path / "D")) == ["fetch.json", "wikitext", "wmdp"]
     r = subprocess.run([sys.executable, "-m", "data.fetch", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--model-dir" in r.stdout
+
+
+def test_raw_json_lines_as_the_reference_reads_the_cyber_corpus(tmp_path):
+    """read_corpus(raw=True): each record's line as it stands (JSON syntax, escapes and newline included), for the
+    same records as the parsed reading (blank lines and empty texts skipped), so coreset indices still apply."""
+    p = tmp_path / "cyber-forget-corpus.jsonl"
+    lines = ['{"text": "a \\"quoted\\" exploit"}\n', "\n", '{"text": ""}\n', '{"text": "second"}']
+    p.write_text("".join(lines))
+    assert data.read_corpus(p) == ['a "quoted" exploit', "second"]
+    assert data.read_corpus(p, raw=True) == [lines[0], lines[3]]
+    assert data.read_corpus(p, min_chars=20, raw=True) == [lines[0]]
+    (tmp_path / "x.txt").write_text("a\n")
+    with pytest.raises(DataError, match="raw lines"):
+        data.read_corpus(tmp_path / "x.txt", raw=True)

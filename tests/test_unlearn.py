@@ -17,6 +17,7 @@ import coreset
 import helpers
 import losses
 import methods
+import objectives as O
 import unlearn as U
 from model import ModelConfig, Transformer, load_tokenizer
 
@@ -140,7 +141,7 @@ def test_shared_trunk_equals_two_full_models(tiny, layer_ids, masked):
     names = [f"model.layers.{i}.mlp.down_proj.weight" for i in layer_ids]
     model.requires_grad_(False)
     train = {n: dict(model.named_parameters())[n] for n in names}
-    rmu = U.RMU(model, train, 2, list(layer_ids))
+    rmu = O.RMU(model, train, 2, list(layer_ids))
     with torch.no_grad():  # the updated model has drifted from the frozen one
         for p in train.values():
             p.add_(0.05 * torch.randn_like(p))
@@ -223,7 +224,7 @@ def test_forget_losses_through_kernels_equal_full_logits(tiny, method, mean_toke
     ref = torch.tensor([-50.0, -20.0, -35.0, -60.0]) / (10 if mean_tokens else 1)
     from types import SimpleNamespace
     cfg = SimpleNamespace(method=method, beta=beta, delta=delta, npo_mean_tokens=mean_tokens)
-    got = U.forget_loss(cfg, model, ids, mask, ref)
+    got = O.forget_loss(cfg, model, ids, mask, ref)
     got.backward()
     g_ours = model.lm_head.weight.grad.clone()
     model.zero_grad()
@@ -249,7 +250,7 @@ def test_cached_reference_logps_equal_live(tiny, tmp_path):
     from data import read_corpus
     ids, mask = tok.pad([tok.encode(t) for t in read_corpus(tiny["forget"])[:5]], "right")
     model = Transformer.from_pretrained(tiny["model"])
-    cached, ntok = U.sequence_logps(model, ids, mask)
+    cached, ntok = O.sequence_logps(model, ids, mask)
     live = copy.deepcopy(model)
     logp = torch.log_softmax(live(ids, mask), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
     assert torch.allclose(cached, (logp * mask[:, 1:]).sum(-1), rtol=1e-5)
@@ -451,11 +452,13 @@ def test_make_wmdp_rmu_table_on_toy(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not TOY_READY, reason="embedded toy not built (make toy)")
 def test_toy_defaults_meet_the_issue_targets(tmp_path, monkeypatch):
-    """`make wmdp-rmu RATIO=0.05` with the toy's shipped defaults (about a minute on a 2-core CPU): hazard
-    accuracy at most 35%, general accuracy within 5 points of the base model."""
+    """`make wmdp-rmu RATIO=0.05` with the toy's shipped defaults and the default seed, 42 (about a minute on a
+    2-core CPU): hazard accuracy at most 35%, general accuracy within 5 points of the base model; every document of
+    the coreset seen."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    rec = U.run(methods.resolve({"ratio": 0.05, "seed": 0, "out": str(tmp_path / "o"), "save": False,
-                                 "progress": False, "eval_cache": False}))
+    rec = U.run(methods.resolve({"ratio": 0.05, "out": str(tmp_path / "o"), "save": False, "progress": False,
+                                 "eval_cache": False}))
+    assert rec["seed"] == 42 and rec["budget"]["forget"][0]["docs_seen"] == 22
     before, after = rec["eval"]["before"], rec["eval"]["after"]
     assert after["toy_hazard"]["acc"] <= 0.35
     assert after["toy_general"]["acc"] >= before["toy_general"]["acc"] - 0.05
@@ -542,7 +545,7 @@ def test_rmu_loss_with_pads_equals_transformers(tiny, attn):
             dict(hf_upd.named_parameters())[n].add_(delta)
     # ours: the frozen path holds copies of the frozen matrices
     ours.requires_grad_(False)
-    rmu = U.RMU(ours, {n: dict(ours.named_parameters())[n] for n in names}, 2, [1, 2], "all")
+    rmu = O.RMU(ours, {n: dict(ours.named_parameters())[n] for n in names}, 2, [1, 2], "all")
     rmu.frozen = {n: dict(hf_frozen.named_parameters())[n].detach().clone() for n in names}
     c = losses.control_vector(32, 5.0, 0, 0)
     r_h = rmu.trunk(ri, rm)
@@ -558,7 +561,7 @@ def test_rmu_loss_with_pads_equals_transformers(tiny, attn):
     assert lf.item() == pytest.approx(want_f.item(), rel=1e-5) and lr_.item() == pytest.approx(want_r.item(), rel=1e-5)
     assert loss.item() == pytest.approx((want_f + 300.0 * want_r).item(), rel=1e-5)
     # the pad positions are what differs: attending only to itself gives another loss
-    own = U.RMU(ours, {n: dict(ours.named_parameters())[n] for n in names}, 2, [1, 2], "self")
+    own = O.RMU(ours, {n: dict(ours.named_parameters())[n] for n in names}, 2, [1, 2], "self")
     own.frozen = rmu.frozen
     assert own.loss(own.trunk(fi, fm), fm, c, r_h, rm, rmu.frozen_acts(r_h, rm), 300.0)[1].item() != \
         pytest.approx(want_f.item(), rel=1e-3)
