@@ -285,7 +285,7 @@ def plot(agg, path, title):
                            label=f"{m} (base)")
         if ms and all("/" not in m for m in ms):
             ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
-        ax.set_xticks(np.arange(len(sels)), sels)
+        ax.set_xticks(np.arange(len(sels)), sels, rotation=25 if len(sels) > 6 else 0)
         ax.set_xlabel(f"selection method (coreset ratio {ratio_label(ratios[0])})")
     else:
         for j, m in enumerate(ms):

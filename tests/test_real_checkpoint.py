@@ -351,6 +351,30 @@ def test_real_model_dry_run_records_its_budget(ckpt, tmp_path):
     assert rec["steps"] == 2 and len(rec["loss"]) == 2 and rec["memory_estimate_bytes"]["trained_params"] == 3 * 1536 * 576
 
 
+def test_rmu_pad_positions_equal_transformers_on_the_real_model(ours32, hf32, tok):
+    """Left-padded EOS batch of texts of different lengths: the residual stream after layer 7 at EVERY position,
+    pads included, equals transformers' under the reference's masking (transformers 4.38.2 sdpa on CUDA: pad rows
+    attend to their whole row, position ids 0..T-1), so RMU's unmasked forget term does too."""
+    from objectives import RMU
+    from test_unlearn import transformers_4_38_sdpa_mask
+    texts = ["The capital of France is Paris.", "Hi.", "A much longer sentence about proteins, cells and the way "
+             "that they fold into shapes that matter.", "Numbers: 1, 2, 3."]
+    ids, mask = tok.pad([tok.encode(t) for t in texts], "left", pad_id=tok.eos_token_id)
+    assert (mask == 0).sum() > 20
+    with torch.no_grad():
+        ours = ours32(ids, mask, until_layer=7, pad_rows="all")
+        hf = hf32(input_ids=ids, attention_mask=transformers_4_38_sdpa_mask(mask),
+                  position_ids=torch.arange(ids.shape[1])[None].expand_as(ids), output_hidden_states=True)
+    ref = hf.hidden_states[8]
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4), (ours - ref).abs().max()
+    c = 6.5 * torch.rand(1, 1, 576, generator=torch.Generator().manual_seed(0))
+    c = 6.5 * c / c.norm()
+    rmu = RMU(ours32, {}, 7, [5, 6, 7], "all")
+    with torch.no_grad():
+        _, forget, _ = rmu.loss(rmu.trunk(ids, mask), mask, c, rmu.trunk(ids, mask), mask, ours, 1200.0)
+    assert forget.item() == pytest.approx(((ref - c) ** 2).mean().item(), rel=1e-5)
+
+
 def changed_tensors(ckpt, export):
     """Read both safetensors files directly: same keys, shapes, dtypes; -> the keys whose values differ."""
     from safetensors.torch import load_file
