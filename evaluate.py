@@ -26,6 +26,10 @@ tasks/mmlu/default):
   - MMLU group: weight_by_size mean of the four categories, each the size-weighted mean of its subjects (so the
     sample-weighted mean of all questions); group stderr = pooled_sample_stderr, applied per level.
   - --limit N: the first N documents of each task (MMLU: of each subject, as each subject is an lm-eval task).
+The other multiple-choice form (ARC, SciQ, PIQA, MMLU-cloze; a question file named *.cloze.jsonl / *.cloze.parquet):
+context = the question as written (doc_to_text "{{question}}"), one request per choice (context, " " + choice
+text), any number of choices; acc = argmax of the summed log-likelihoods, acc_norm = argmax of each sum divided by
+len(choice text) in characters (lm_eval/api/task.py, multiple_choice), both with mean_stderr.
 Speed: when all four continuations are one token that extends the context's tokens, one forward pass over the
 context scores all four, and the LM head runs at its last position only (verified per question; otherwise one
 sequence per choice, scored as the harness does). Nothing is truncated: a question longer than the model's
@@ -35,7 +39,7 @@ MUSE (tasks muse_news / muse_books): VerbMem, KnowMem and PrivLeak as muse-bench
 The log-likelihood machinery shared by both (encoding rules, batched scoring, generation) is loglik.py.
 
 Results JSON (evaluate_tasks returns the first four keys; the CLI adds the run record):
-  results[task]  MC: acc, acc_stderr, n, fast_path, fallback, forward_rows, tokens, too_long, time_s,
+  results[task]  MC: acc, acc_stderr, n, form (letter | cloze; cloze adds acc_norm, acc_norm_stderr), fast_path, fallback, forward_rows, tokens, too_long, time_s,
                  questions_per_s; with per-question subjects also subjects{s: acc, acc_stderr, n} (and MMLU's
                  categories{stem, humanities, social_sciences, other}).
                  MUSE: verbmem_f, knowmem_f, knowmem_r, privleak, auc_forget_holdout, auc_retrain, n_*, time_s.
@@ -54,9 +58,9 @@ from pathlib import Path
 import torch
 
 import model as model_io
-from data import MUSE_DIRS, MUSE_TASKS, DataError, mc_prompt, read_mc, resolve_task
+from data import MUSE_DIRS, MUSE_TASKS, DataError, mc_prompt, read_mc, resolve_task, task_form
 from infra import TOY_DIR, TOY_MODEL, ProjectError, atomic_write_json, check_output, cli_main, run_info
-from loglik import BOS_RULES, EVAL_PRESETS, LL_DTYPES, encode_many, eval_settings, score_rows, split_context
+from loglik import BOS_RULES, EVAL_PRESETS, LL_DTYPES, choice_requests, choice_rows, eval_settings, score_rows
 from muse_eval import evaluate_muse
 
 # ----------------------------------------------------------------------------------------------- defaults
@@ -101,50 +105,31 @@ class EvalError(ProjectError):
     """Bad evaluation input (unknown task, missing or malformed file); the message is one line."""
 
 
-def mc_requests(tok, items, topic=None, bos=None):
-    """Tokenize questions the harness's way -> per question dict(ctx, conts (4 lists), fast (bool)).
-    fast: every continuation is one token and the whole text encodes as context tokens + that token."""
-    texts = []
-    for it in items:
-        context = mc_prompt(it["question"], it["choices"], topic if topic else it.get("subject"))
-        pairs = [split_context(context, " " + letter) for letter in CHOICE_LETTERS]
-        texts.append(pairs[0][0])                      # the (whitespace-stripped) context
-        texts.extend(c + x for c, x in pairs)          # context + continuation, per choice
-    enc = encode_many(tok, texts, bos)
-    reqs = []
-    for q, it in enumerate(items):
-        ctx, wholes = enc[5 * q], enc[5 * q + 1:5 * q + 5]
-        conts = [w[len(ctx):] for w in wholes]
-        if any(len(c) == 0 for c in conts):
-            raise EvalError(f"question {q} ({it['question'][:40]!r}...): a choice letter adds no token to the context")
-        fast = all(len(c) == 1 and w[:len(ctx)] == ctx for c, w in zip(conts, wholes))
-        reqs.append(dict(ctx=ctx, conts=conts, fast=fast))
+def mc_requests(tok, items, topic=None, bos=None, form="letter"):
+    """Tokenize questions the harness's way -> per question dict(ctx, conts, fast) (loglik.choice_requests).
+    letter: the lm-eval prompt and " A".." D"; cloze: the question as context and " " + each choice's text."""
+    if form == "cloze":
+        pairs = [(it["question"], [" " + c for c in it["choices"]]) for it in items]
+    else:
+        pairs = [(mc_prompt(it["question"], it["choices"], topic if topic else it.get("subject")),
+                  [" " + letter for letter in CHOICE_LETTERS]) for it in items]
+    reqs = choice_requests(tok, pairs, bos)
+    for q, (r, it) in enumerate(zip(reqs, items)):
+        if any(len(c) == 0 for c in r["conts"]):
+            raise EvalError(f"question {q} ({it['question'][:40]!r}...): a choice adds no token to the context")
     return reqs
 
 
-def mc_rows(reqs):
-    """Requests -> scoring rows and, per question, where its four scores come from (row, spec)."""
-    rows, where = [], []
-    for r in reqs:
-        ctx, conts = r["ctx"], r["conts"]
-        if r["fast"]:  # one forward over the context, four targets at its last position
-            where.append([(len(rows), j) for j in range(4)])
-            rows.append((ctx, [(len(ctx) - 1, c) for c in conts]))
-        else:          # the harness's sequence per choice: input (ctx + cont)[:-1], cont scored from len(ctx)-1
-            where.append([(len(rows) + j, 0) for j in range(4)])
-            rows.extend(((ctx + c)[:-1], [(len(ctx) - 1, c)]) for c in conts)
-    return rows, where
-
-
 def mc_loglikelihoods(model, tok, items, topic=None, batch_size=32, progress=False, bos=None, desc="mc",
-                      ll_dtype="model", batch_tokens=None):
-    """Per question the four continuation log-likelihoods, as lm-eval computes them. -> list[[4 floats]]"""
-    return _mc_score(model, tok, items, topic, batch_size, progress, bos, desc, ll_dtype, batch_tokens)[0]
+                      ll_dtype="model", batch_tokens=None, form="letter"):
+    """Per question the continuation log-likelihoods, as lm-eval computes them. -> list[[float per choice]]"""
+    return _mc_score(model, tok, items, topic, batch_size, progress, bos, desc, ll_dtype, batch_tokens, form)[0]
 
 
-def _mc_score(model, tok, items, topic, batch_size, progress, bos, desc, ll_dtype="model", batch_tokens=None):
-    reqs = mc_requests(tok, items, topic, bos)
-    rows, where = mc_rows(reqs)
+def _mc_score(model, tok, items, topic, batch_size, progress, bos, desc, ll_dtype="model", batch_tokens=None,
+              form="letter"):
+    reqs = mc_requests(tok, items, topic, bos, form)
+    rows, where = choice_rows(reqs)
     scores = score_rows(model, rows, batch_size, tok.pad_token_id or 0, progress, desc, ll_dtype, batch_tokens)
     lls = [[scores[r][s] for r, s in w] for w in where]
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -248,10 +233,11 @@ def task_files(tasks, data_dir) -> list:
 
 
 def evaluate_mc(model, tok, items, topic=None, batch_size=32, progress=True, bos=None, desc="mc", ll_dtype="model",
-                batch_tokens=None):
-    """Score one multiple-choice set -> (results dict, samples list)."""
+                batch_tokens=None, form="letter"):
+    """Score one multiple-choice set -> (results dict, samples list). The cloze form adds acc_norm: the argmax of
+    each choice's log-likelihood divided by len(choice text) in characters (lm_eval/api/task.py, multiple_choice)."""
     t0 = time.time()
-    lls, info = _mc_score(model, tok, items, topic, batch_size, progress, bos, desc, ll_dtype, batch_tokens)
+    lls, info = _mc_score(model, tok, items, topic, batch_size, progress, bos, desc, ll_dtype, batch_tokens, form)
     if model.lm_head_weight.is_cuda:
         torch.cuda.synchronize()
     dt = time.time() - t0
@@ -259,11 +245,17 @@ def evaluate_mc(model, tok, items, topic=None, batch_size=32, progress=True, bos
     accs = [1.0 if p == it["answer"] else 0.0 for p, it in zip(preds, items)]
     subjects = None if topic else [it.get("subject") for it in items]
     res = aggregate_mc(accs, subjects)
-    res.update(fast_path=info["fast"], fallback=info["fallback"], forward_rows=info["forward_rows"],
+    norm = [argmax_first([x / len(c) for x, c in zip(ll, it["choices"])]) for ll, it in zip(lls, items)] \
+        if form == "cloze" else None
+    if norm is not None:
+        acc_norm = [1.0 if p == it["answer"] else 0.0 for p, it in zip(norm, items)]
+        res.update(acc_norm=sum(acc_norm) / len(acc_norm), acc_norm_stderr=mean_stderr(acc_norm))
+    res.update(form=form, fast_path=info["fast"], fallback=info["fallback"], forward_rows=info["forward_rows"],
                tokens=info["tokens"], too_long=info["too_long"], time_s=dt,
                questions_per_s=len(items) / dt if dt > 0 else None)
     samples = [dict(idx=i, loglikelihoods=ll, pred=p, answer=it["answer"], acc=a,
-                    **({"subject": it.get("subject")} if subjects else {}))
+                    **({"subject": it.get("subject")} if subjects else {}),
+                    **({"pred_norm": norm[i]} if norm is not None else {}))
                for i, (ll, p, a, it) in enumerate(zip(lls, preds, accs, items))]
     if info["too_long"]:
         print(f"warning: {desc}: {len(info['too_long'])} question(s) longer than max_position_embeddings="
@@ -292,17 +284,17 @@ def evaluate_tasks(model, tokenizer, data_dir, tasks, batch_size=32, limit=None,
                 raise EvalError(f"missing MUSE directory {muse_dir}: get it with `make fetch DATA={data_dir}`")
             loaded.append((t, None, muse_dir))
         else:
-            loaded.append(load_mc_task(t, data_dir, limit))
+            loaded.append(load_mc_task(t, data_dir, limit) + (task_form(resolve_task(t, data_dir)[1]),))
     was_training = model.training
     model.eval()
     try:
-        for name, items, topic in loaded:
+        for name, items, topic, *form in loaded:
             if name in MUSE_TASKS:  # (topic holds the MUSE directory here)
                 res, samples = evaluate_muse(model, tokenizer, topic, name, min(batch_size, 16), limit, progress,
                                              auc_retrain, bos, batch_tokens)
             else:
                 res, samples = evaluate_mc(model, tokenizer, items, topic, batch_size, progress, bos, name, ll_dtype,
-                                           batch_tokens)
+                                           batch_tokens, form[0])
                 out["throughput"][name] = res["questions_per_s"]
             out["results"][name] = res
             out["samples"][name] = samples
@@ -329,6 +321,8 @@ def task_metrics(results):
     for task, r in (results or {}).items():
         if isinstance(r.get("acc"), (int, float)):
             out[task] = float(r["acc"])
+            if isinstance(r.get("acc_norm"), (int, float)):   # the cloze form's length-normalised accuracy
+                out[f"{task}/acc_norm"] = float(r["acc_norm"])
             continue
         for k in MUSE_COLUMNS:
             if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool):

@@ -89,6 +89,39 @@ def encode_pair(tok, context, continuation, bos=None):
     return ctx, whole[len(ctx):]
 
 
+def choice_requests(tok, pairs, bos=None):
+    """Per item (context, [continuation, ...]) -> dict(ctx, conts, fast), each (context, continuation) tokenized as
+    encode_pair does (the context's trailing whitespace moved first; one context encoding per item). fast: every
+    continuation is one token that extends the context's tokens, so one forward over the context scores them all."""
+    texts, spans = [], []
+    for context, conts in pairs:
+        split = [split_context(context, c) for c in conts]
+        spans.append((len(texts), len(conts)))
+        texts += [split[0][0]] + [c + x for c, x in split]
+    enc = encode_many(tok, texts, bos)
+    reqs = []
+    for a, n in spans:
+        ctx, wholes = enc[a], enc[a + 1:a + 1 + n]
+        conts = [w[len(ctx):] for w in wholes]
+        reqs.append(dict(ctx=ctx, conts=conts, fast=all(len(c) == 1 and w[:len(ctx)] == ctx
+                                                        for c, w in zip(conts, wholes))))
+    return reqs
+
+
+def choice_rows(reqs):
+    """Requests -> score_rows' rows and, per item, where each continuation's score comes from (row, target)."""
+    rows, where = [], []
+    for r in reqs:
+        ctx, conts = r["ctx"], r["conts"]
+        if r["fast"]:  # one forward over the context, every target at its last position
+            where.append([(len(rows), j) for j in range(len(conts))])
+            rows.append((ctx, [(len(ctx) - 1, c) for c in conts]))
+        else:          # the harness's sequence per choice: input (ctx + cont)[:-1], cont scored from len(ctx)-1
+            where.append([(len(rows) + j, 0) for j in range(len(conts))])
+            rows.extend(((ctx + c)[:-1], [(len(ctx) - 1, c)]) for c in conts)
+    return rows, where
+
+
 # ----------------------------------------------------------------------------------------------- scoring core
 
 def gather_logprobs(hidden, weight, inv, targets, round_to_model=True):

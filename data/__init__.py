@@ -87,6 +87,17 @@ CORPORA = {
     "wikitext": WIKITEXT,
 }
 
+# A question file whose name ends in .cloze.jsonl / .cloze.parquet is scored in lm-eval's other multiple-choice
+# form (ARC, SciQ, PIQA, MMLU-cloze): context = the question, continuations = " " + each choice's text; any number
+# (>= 2) of non-empty choices. Every other file is the letter form (" A".." D" after the lm-eval prompt).
+CLOZE_SUFFIX = ".cloze"
+
+
+def task_form(path) -> str:
+    """"cloze" for a *.cloze.jsonl / *.cloze.parquet question file, else "letter"."""
+    return "cloze" if Path(str(path)).stem.endswith(CLOZE_SUFFIX) else "letter"
+
+
 # task name -> (MC file relative to the DATA dir, topic for the description or None = per-question subject)
 TASKS = {
     "wmdp_bio": ("wmdp/wmdp_bio.jsonl", "biology"),
@@ -301,18 +312,23 @@ def read_corpora(paths, min_chars=0, data_dir=None):
 # -----------------------------------------------------------------------------
 # multiple choice
 
-def mc_record(obj, where):
-    """Validate one multiple-choice row -> dict(question, choices, answer, subject). Raises DataError."""
+def mc_record(obj, where, form="letter"):
+    """Validate one multiple-choice row -> dict(question, choices, answer, subject). Raises DataError.
+    letter: exactly 4 choices; cloze: 2 or more non-empty choice texts (acc_norm divides by their length)."""
     q = _str_field(obj, "question", where)
     choices = obj.get("choices")
-    if not isinstance(choices, (list, tuple)) or len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+    cloze = form == "cloze"
+    ok = isinstance(choices, (list, tuple)) and all(isinstance(c, str) for c in choices) and \
+        (len(choices) >= 2 and all(choices) if cloze else len(choices) == 4)
+    if not ok:
         got = "missing" if "choices" not in obj else (
             f"{len(choices)} items" if isinstance(choices, (list, tuple)) else type(choices).__name__)
-        raise DataError(f"{where}: expected 'choices' as a list of exactly 4 strings ({got})")
+        want = "2 or more non-empty strings" if cloze else "exactly 4 strings"
+        raise DataError(f"{where}: expected 'choices' as a list of {want} ({got})")
     answer = obj.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer <= 3:
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         got = "missing" if "answer" not in obj else repr(answer)
-        raise DataError(f"{where}: expected 'answer' as an integer 0..3 ({got})")
+        raise DataError(f"{where}: expected 'answer' as an integer 0..{len(choices) - 1} ({got})")
     subject = obj.get("subject")
     if subject is not None and not isinstance(subject, str):
         raise DataError(f"{where}: expected 'subject' to be a string ({type(subject).__name__})")
@@ -320,12 +336,14 @@ def mc_record(obj, where):
 
 
 def read_mc(path):
-    """Multiple-choice questions of a .jsonl / .parquet file (cais/wmdp, cais/mmlu fields).
+    """Multiple-choice questions of a .jsonl / .parquet file (cais/wmdp, cais/mmlu fields; task_form(path) decides
+    the form: a *.cloze file may have any number >= 2 of choices).
 
     -> list[dict(question=str, choices=[4 str], answer=int 0..3, subject=str|None)]
     """
     path = str(path)
-    rows = [mc_record(obj, where) for where, obj in
+    form = task_form(path)
+    rows = [mc_record(obj, where, form) for where, obj in
             _records(path, columns=["question", "choices", "answer", "subject"])]
     if not rows:
         raise DataError(f"{path}: expected at least one question, found none")

@@ -12,6 +12,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -574,3 +575,62 @@ def test_bf16_log_likelihoods_rounded_like_the_harness(word_model):
             assert abs(v - v32) <= 2 ** -7 * max(1.0, abs(v32)) and torch.tensor(v).to(torch.bfloat16).item() == v
     with pytest.raises(ProjectError, match="ll_dtype"):
         E.mc_loglikelihoods(model, tok, items[:1], ll_dtype="float16")
+
+
+# ----------------------------------------------------------------------------------------------- the cloze form
+
+def cloze_reference(model, tok, items):
+    """lm-eval's choice-text form written out independently: context = the question (doc_to_text "{{question}}"),
+    continuation = " " + choice (target_delimiter), _encode_pair, full logits; acc = argmax of the sums, acc_norm =
+    argmax of sum / len(choice) (lm_eval/api/task.py, process_results of output_type multiple_choice)."""
+    lls = []
+    for it in items:
+        row = []
+        for c in it["choices"]:
+            ctx_s, cont_s = it["question"], " " + c
+            n = len(ctx_s) - len(ctx_s.rstrip())
+            if n:
+                ctx_s, cont_s = ctx_s[:-n], ctx_s[-n:] + cont_s
+            whole, ctx = tok.encode(ctx_s + cont_s), tok.encode(ctx_s)
+            cont = whole[len(ctx):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([(ctx + cont)[:-1]])).float(), dim=-1)[0]
+            row.append(sum(logp[len(ctx) - 1 + j, t].item() for j, t in enumerate(cont)))
+        lls.append(row)
+    acc = [float(np.argmax(x) == it["answer"]) for x, it in zip(lls, items)]
+    acc_norm = [float(np.argmax(np.array(x) / np.array([float(len(c)) for c in it["choices"]])) == it["answer"])
+                for x, it in zip(lls, items)]
+    return lls, acc, acc_norm
+
+
+def test_cloze_form_matches_the_harness_rules(word_model, tmp_path):
+    """A *.cloze.jsonl file: choice texts as continuations (any number of them), acc and acc_norm as the harness
+    computes them, in evaluate_tasks and task_metrics; choices of very different lengths make acc_norm differ."""
+    _, model, tok = word_model
+    rng = random.Random(11)
+    items = []
+    for i in range(14):
+        q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) + ("  " if i == 0 else "")
+        n = 2 + i % 4
+        choices = [" ".join(rng.choice(WORDS) for _ in range(1 if j % 2 else rng.randint(3, 6))) for j in range(n)]
+        items.append(dict(question=q, choices=choices, answer=rng.randrange(n)))
+    path = write_jsonl(tmp_path / "quiz.cloze.jsonl", items)
+    assert data.task_form(path) == "cloze" and data.task_form(tmp_path / "quiz.jsonl") == "letter"
+    ref_lls, ref_acc, ref_norm = cloze_reference(model, tok, items)
+    out = E.evaluate_tasks(model, tok, tmp_path, [str(path)], batch_size=4, progress=False)
+    res, samples = out["results"]["quiz.cloze"], out["samples"]["quiz.cloze"]
+    assert max(abs(a - b) for s, y in zip(samples, ref_lls) for a, b in zip(s["loglikelihoods"], y)) < 1e-4
+    assert [s["acc"] for s in samples] == ref_acc
+    assert [float(s["pred_norm"] == it["answer"]) for s, it in zip(samples, items)] == ref_norm
+    assert ref_acc != ref_norm   # the two metrics are told apart on these questions
+    assert res["form"] == "cloze" and res["n"] == 14
+    assert res["acc"] == pytest.approx(np.mean(ref_acc)) and res["acc_norm"] == pytest.approx(np.mean(ref_norm))
+    assert res["acc_norm_stderr"] == pytest.approx(np.std(ref_norm, ddof=1) / np.sqrt(14))
+    assert E.task_metrics(E.summarize(out)) == {"quiz.cloze": res["acc"], "quiz.cloze/acc_norm": res["acc_norm"]}
+    # a cloze file needs non-empty choice texts; a letter file keeps exactly four
+    write_jsonl(tmp_path / "bad.cloze.jsonl", [dict(question="q", choices=["a", ""], answer=0)])
+    with pytest.raises(data.DataError, match="2 or more non-empty strings"):
+        data.read_mc(tmp_path / "bad.cloze.jsonl")
+    write_jsonl(tmp_path / "three.jsonl", [dict(question="q", choices=["a", "b", "c"], answer=0)])
+    with pytest.raises(data.DataError, match="exactly 4 strings"):
+        data.read_mc(tmp_path / "three.jsonl")

@@ -133,14 +133,15 @@ def lm_eval_env(tmp):
 
 
 def run_lm_eval(tmp: Path, model_dir: Path, tasks: dict, batch_size: int):
-    """tasks: harness task name -> (question file, topic). Runs lm_eval once on all of them ->
+    """tasks: harness task name -> (question file, topic), or a whole task config. Runs lm_eval once on all of them ->
     (command, {task: samples sorted by doc_id}, {task: results entry})."""
     import subprocess
     inc = tmp / "tasks"
     inc.mkdir()
-    for name, (jsonl, topic) in tasks.items():
+    for name, spec in tasks.items():
         # JSON is YAML: every string (the "\n" escapes of the prompt included) reaches lm_eval as written here
-        (inc / f"{name}.yaml").write_text(json.dumps(task_config(name, jsonl, topic), indent=1) + "\n")
+        cfg = spec if isinstance(spec, dict) else task_config(name, *spec)   # a dict: a task config as it is
+        (inc / f"{name}.yaml").write_text(json.dumps(cfg, indent=1) + "\n")
     out = tmp / "out"
     cmd = [str(require_lm_eval()), "run", "--model", "hf",
            "--model_args", f"pretrained={model_dir},dtype=float32",
@@ -348,3 +349,37 @@ def test_forced_bos_matches_lm_eval(tmp_path, request, which, bos):
     ours = E.mc_loglikelihoods(model, tok, items, topic, batch_size=5, bos=bos)
     diff = max_diff(ours, [harness[4 * q:4 * q + 4] for q in range(len(items))])
     assert diff <= TOL, f"{which}: bos={bos}: log-likelihoods differ from lm_eval's by up to {diff:.3g}"
+
+
+def test_cloze_form_matches_lm_eval(tmp_path, smollm2):
+    """The harness's other multiple-choice form (ARC, SciQ, PIQA, MMLU-cloze) on SmolLM2: doc_to_text the
+    question, doc_to_choice the choice texts, target_delimiter " "; per question the same log-likelihoods (1e-4,
+    fp32), and the same acc and acc_norm (argmax of ll / len(choice)), per question and in aggregate."""
+    require_lm_eval()
+    model_dir, model, tok = smollm2
+    items = [dict(question=it["question"], choices=it["choices"], answer=it["answer"])
+             for topic in ("biology", "cybersecurity") for it in SMOL_QUESTIONS[topic]]
+    jsonl = write_questions(tmp_path / "quiz.cloze.jsonl", items)
+    task = "harness_check_cloze"
+    cfg = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(jsonl)}},
+           "test_split": "test", "training_split": None, "validation_split": None, "num_fewshot": 0,
+           "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": "{{choices}}",
+           "doc_to_target": "answer",
+           "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                           {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}],
+           "metadata": {"version": 1}}
+    cmd, samples, results = run_lm_eval(tmp_path, model_dir, {task: cfg}, batch_size=4)
+    samples, harness = samples[task], results[task]
+    out = E.evaluate_tasks(model, tok, tmp_path, [str(jsonl)], batch_size=4, progress=False)
+    res, ours = out["results"]["quiz.cloze"], out["samples"]["quiz.cloze"]
+    for s, o, it in zip(samples, ours, items):
+        args = [s["arguments"][f"gen_args_{j}"] for j in range(len(it["choices"]))]
+        assert [a["arg_0"] for a in args] == [it["question"]] * len(it["choices"])
+        assert [a["arg_1"] for a in args] == [" " + c for c in it["choices"]]
+        lls = [float(r[0]) for r in s["filtered_resps"]]
+        assert max(abs(a - b) for a, b in zip(o["loglikelihoods"], lls)) <= TOL, (o["loglikelihoods"], lls)
+        assert (o["acc"], float(o["pred_norm"] == it["answer"])) == (s["acc"], s["acc_norm"])
+    assert res["acc"] == pytest.approx(harness["acc,none"], abs=1e-12)
+    assert res["acc_norm"] == pytest.approx(harness["acc_norm,none"], abs=1e-12)
+    assert res["acc_norm_stderr"] == pytest.approx(harness["acc_norm_stderr,none"], abs=1e-12)
+    print(f"\n{' '.join(cmd)}\ncloze: acc {res['acc']:.4f}, acc_norm {res['acc_norm']:.4f}")
