@@ -37,7 +37,7 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),data/toy/model)
 # rule (RMU: the reference's, min(150, batches of the full forget set); NPO family: 500 steps)
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)$(if $(EPOCHS), --epochs $(EPOCHS),)
 
-.PHONY: setup test test-slow test-fast lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve
+.PHONY: setup test test-slow test-fast lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve connectivity
 
 setup: $(SETUP)
 
@@ -149,7 +149,7 @@ SWEEP_UNLEARN = $(strip $(UNLEARN_FLAGS))
 BUDGET  ?= equal-steps
 SWEEP_COMMON = --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
   --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
-  $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
+  $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
 
 sweep: $(SETUP)
 	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)-$(BUDGET)
@@ -159,12 +159,26 @@ sweep-select: $(SETUP)
 
 # --- budget curve (budget_curve.py): forget and utility accuracy against training steps, for the full forget set
 # and a RATIO coreset, evaluated every EVERY steps inside one run each; table + plot.
-#   make budget-curve METHOD=rmu RATIO=0.05 [STEPS=N | EPOCHS=E (of the full set, default 1)] EVERY=K
+#   make budget-curve METHOD=rmu RATIO=0.05 [STEPS=N | EPOCHS=E (of the full set); neither: the method's own
+#   budget on the full set] EVERY=K
 #     -> $(OUT)/budget-curve-<method>-r<ratio>/results.{md,json,png}
 EVERY ?=
 CURVE_FLAGS ?=
 budget-curve: $(SETUP)
 	$(PY) budget_curve.py --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
 	  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
-	  $(if $(EVERY),--every $(EVERY),) $(if $(SWEEP_UNLEARN),--unlearn-args "$(SWEEP_UNLEARN)",) $(CURVE_FLAGS) \
+	  $(if $(EVERY),--every $(EVERY),) $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(CURVE_FLAGS) \
 	  --out $(OUT)/budget-curve-$(METHOD)-r$(RATIO)
+
+# --- mode connectivity (connectivity.py): A = the full forget set, B = a RATIO coreset (same method, seed, budget),
+# then the straight paths A <-> B, base <-> A, base <-> B evaluated at POINTS values of t; barrier per metric.
+#   make connectivity METHOD=rmu RATIO=0.05 [A=DIR B=DIR (two existing checkpoints)] [STEPS= | EPOCHS=]
+#     -> $(OUT)/connectivity-<method>-r<ratio>/results.{md,json,png}
+POINTS ?= 11
+CONN_FLAGS ?=
+CONN_UNLEARN = $(strip $(STEPS_FLAG) $(UNLEARN_FLAGS))
+connectivity: $(SETUP)
+	$(PY) connectivity.py --method $(METHOD) --base $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
+	  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
+	  $(if $(A),--a $(A),) $(if $(B),--b $(B),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(CONN_FLAGS) \
+	  --out $(OUT)/connectivity-$(METHOD)-r$(RATIO)

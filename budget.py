@@ -125,9 +125,10 @@ def make_plan(steps, accum, batch_size, forget_sizes, retain_sizes, retain_of, o
     return plan
 
 
-def budget_record(plan, rule, order, files, docs_available, selected_doc_of, retain_files, retain_sizes):
-    """run.json's "budget". selected_doc_of[t]: the forget document behind each item of topic t (an item is a
-    document, or a piece of one when documents are chunked). epochs: items drawn / items selected (fractional)."""
+def budget_record(plan, rule, order, files, docs_available, selected_doc_of, retain_files, retain_doc_of):
+    """run.json's "budget". selected_doc_of[t] / retain_doc_of[r]: the document behind each item of forget topic t /
+    retain file r (an item is a document, or a piece of one when documents are chunked). epochs: items drawn /
+    items selected (fractional)."""
     drawn = [[] for _ in files]
     r_drawn = [set() for _ in retain_files]
     for micro in plan:
@@ -144,8 +145,17 @@ def budget_record(plan, rule, order, files, docs_available, selected_doc_of, ret
     return {"rule": rule, "order": order, "steps": len(plan),
             "micro_batches": sum(len(m) for m in plan),
             "epochs": min(p["epochs"] for p in per_file), "forget": per_file,
-            "retain": [{"file": f, "docs_available": n, "docs_seen": len(s)}
-                       for f, n, s in zip(retain_files, retain_sizes, r_drawn)]}
+            "retain": [{"file": f, "docs_available": len(set(d)), "docs_seen": len({d[i] for i in s})}
+                       for f, d, s in zip(retain_files, retain_doc_of, r_drawn)]}
+
+
+def full_set_items(cfg, forget_docs, tok=None) -> list:
+    """Training items per forget file of the FULL set (documents; with --chunk-tokens, the pieces they split into,
+    which needs the tokenizer): what "E epochs of the full set" counts."""
+    chunk = getattr(cfg, "chunk_tokens", 0)
+    if not chunk:
+        return [len(d) for d in forget_docs]
+    return [len(Batches(tok, docs, 0, 0, "right", chunk)) for docs in forget_docs]
 
 
 def coverage_warnings(record) -> list:

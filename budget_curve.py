@@ -15,9 +15,7 @@ Writes --out/results.{json,md,png} (json: the run record, both curves, both runs
 copies them to PREFIX.{json,md,png}.
 """
 import argparse
-import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,9 @@ import data
 import evaluate
 import methods
 import unlearn
-from infra import TOY_DIR, TOY_MODEL, ProjectError, atomic_write_json, atomic_write_lines, cli_main, run_info, split_list
+from model import load_tokenizer
+from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, run_info,
+                   save_figure, split_list, write_results)
 
 
 def build_parser():
@@ -62,14 +62,19 @@ def overrides(args, ratio, out) -> dict:
           "ratio": ratio, "out": str(out), "save": False, "device": args.device, "progress": not args.no_progress,
           "eval_cache_dir": str(Path(args.out) / ".eval_cache")}
     ov = {k: v for k, v in ov.items() if v is not None}
-    ov.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    extra = unlearn.overrides_from_argv(shlex.split(args.unlearn_args))
+    if {"steps", "epochs", "eval_every", "eval_tasks"} & set(extra):
+        raise ProjectError("--unlearn-args: give the budget (--steps / --epochs), --every and --tasks as this "
+                           "script's own flags")
+    ov.update(extra)
     return ov
 
 
 def curve_steps(args) -> int:
     """Both runs' step count (see the module docstring)."""
     cfg = methods.resolve(overrides(args, None, Path(args.out) / "full"))
-    full = [len(d) for d in data.read_corpora(cfg.forget, cfg.min_chars)]
+    docs = data.read_corpora(cfg.forget, cfg.min_chars)
+    full = budget.full_set_items(cfg, docs, load_tokenizer(cfg.model) if getattr(cfg, "chunk_tokens", 0) else None)
     if args.steps is not None:
         return args.steps
     if args.epochs is not None:
@@ -84,9 +89,9 @@ def run_curve(args, name, ratio, steps, every):
     """One run evaluated every `every` steps -> its curve (metric values per evaluated step) and budget."""
     sub = "full" if ratio is None else f"r{ratio}"
     given = {**overrides(args, ratio, Path(args.out) / sub), "steps": steps, "eval_every": every}
-    given.pop("epochs", None)
     rec = unlearn.run(methods.resolve(given), given=given)
     return {"name": name, "ratio": ratio, "budget": rec["budget"], "train_s": rec["train_s"],
+            "curve_eval_s": rec["curve_eval_s"],
             "points": [{"step": p["step"], "metrics": evaluate.task_metrics(p["results"])} for p in rec["curve"]]}
 
 
@@ -129,16 +134,19 @@ def plot(curves, metrics, util, path, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
 def main_work(args):
     t0 = time.time()
+    if not split_list(args.tasks, "--tasks", allow_empty=True) or args.tasks.strip().lower() == "none":
+        raise ProjectError("--tasks: the budget curve needs at least one evaluation task")
+    inputs = [args.model, *split_list(args.forget.split(","), "--forget"), *split_list(args.retain.split(","), "--retain")]
+    inputs += evaluate.task_files(split_list(args.tasks, "--tasks"), args.data)
+    check_output(Path(args.out) / "results.json", inputs, "--out", kind="file", ours=lambda p: is_results_file(p, "curves"),
+                 name="budget curve")
     steps = curve_steps(args)
     every = args.every or max(1, steps // 10)
     if every < 1:
@@ -153,14 +161,7 @@ def main_work(args):
     out = Path(args.out)
     record.update(steps=steps, every=every, curves=curves, metrics=metrics, time_s=round(time.time() - t0, 3))
     md = markdown(curves, metrics, util, title)
-    atomic_write_json(out / "results.json", record)
-    atomic_write_lines(out / "results.md", md.rstrip("\n").split("\n"))
-    png = plot(curves, metrics, util, out / "results.png", title)
-    if args.docs:
-        Path(args.docs).parent.mkdir(parents=True, exist_ok=True)
-        for ext, src in (("md", out / "results.md"), ("json", out / "results.json"), ("png", png)):
-            if src is not None:
-                shutil.copyfile(src, f"{args.docs}.{ext}")
+    write_results(out, record, md, lambda png: plot(curves, metrics, util, png, title), args.docs)
     print(md)
     return record
 

@@ -23,9 +23,7 @@ copies the three to PREFIX.{md,json,png}. The table shows each row's steps, epoc
 """
 import argparse
 import json
-import os
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +38,8 @@ import methods
 import unlearn
 from coreset import CoresetError, coreset_size
 from data import UTILITY_TASKS
-from infra import TOY_DIR, TOY_MODEL, atomic_write_json, atomic_write_lines, cli_main, run_info, split_list
+from model import load_tokenizer
+from infra import TOY_DIR, TOY_MODEL, atomic_write_json, cli_main, run_info, save_figure, split_list, write_results
 
 BUDGETS = ("equal-steps", "equal-epochs")
 
@@ -102,19 +101,26 @@ def unlearn_overrides(args, seed, cdir, coreset_file=None, cell_budget=None) -> 
           "progress": not args.no_progress, "coreset": coreset_file, "eval_preset": args.eval_preset,
           "eval_bos": args.eval_bos, "eval_ll_dtype": args.eval_ll_dtype}
     ov = {k: v for k, v in ov.items() if v is not None}
-    ov.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    extra = unlearn.overrides_from_argv(shlex.split(args.unlearn_args))
+    if {"steps", "epochs"} & set(extra):
+        raise CoresetError("--unlearn-args: give the budget with the sweep's own --budget / --epochs / --steps "
+                           "(the same for every cell), not inside --unlearn-args")
+    ov.update(extra)
     ov.update(cell_budget or {})
     return ov
 
 
-def cell_budget(args, sizes) -> dict:
-    """The budget every cell trains under: {"steps": N} or {"epochs": E} (see the module docstring)."""
+def cell_budget(args, corpora) -> dict:
+    """The budget every cell trains under: {"steps": N} or {"epochs": E} (see the module docstring). corpora: the
+    full forget files' documents (equal-steps counts their training items: chunks when documents are chunked)."""
     if args.steps is not None:
         return {"steps": args.steps}
     if args.budget == "equal-epochs":
         return {"epochs": args.epochs}
     ucfg = methods.resolve(unlearn_overrides(args, 0, Path(args.out) / "cells" / "budget"))
-    return {"steps": budget.epoch_steps(args.epochs, ucfg.batch_size, ucfg.grad_accum, sizes)}
+    tok = load_tokenizer(ucfg.model) if getattr(ucfg, "chunk_tokens", 0) else None
+    return {"steps": budget.epoch_steps(args.epochs, ucfg.batch_size, ucfg.grad_accum,
+                                        budget.full_set_items(ucfg, corpora, tok))}
 
 
 def select_overrides(s) -> dict:
@@ -312,11 +318,8 @@ def plot(agg, path, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
+    save_figure(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -343,15 +346,7 @@ def report(args, sels, ratios, seeds, record, with_plot=True):
              "", "    python coreset_sweep.py " + " ".join(_quote(a) for a in record.get("argv", [])[1:])]
     md = markdown_table(agg, title, notes)
     record.update(results=agg, cells_done=len(cells), cells_total=len(sels) * len(ratios) * len(seeds))
-    atomic_write_json(out / "results.json", record)
-    atomic_write_lines(out / "results.md", md.rstrip("\n").split("\n"))
-    png = plot(agg, out / "results.png", title) if with_plot else None
-    if args.docs:
-        prefix = Path(args.docs)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        for ext, src in (("md", out / "results.md"), ("json", out / "results.json"), ("png", png)):
-            if src is not None and Path(src).is_file():
-                shutil.copyfile(src, f"{prefix}.{ext}")
+    write_results(out, record, md, (lambda png: plot(agg, png, title)) if with_plot else None, args.docs)
     if with_plot:
         print(md)
     return agg
@@ -368,13 +363,14 @@ def sweep(args):
     seeds = split_list(args.seeds, "--seeds", int)
     forget = split_list(args.forget.split(","), "--forget")
     try:
-        sizes = [len(data.read_corpus(p)) for p in forget]
+        corpora = [data.read_corpus(p) for p in forget]
     except data.DataError as e:
         raise CoresetError(f"--forget: {e}") from None
+    sizes = [len(c) for c in corpora]
     out = Path(args.out)
     record = run_info(args)
     record["timings"] = {}
-    spend = cell_budget(args, sizes)
+    spend = cell_budget(args, corpora)
     record["budget"] = {"policy": "steps" if args.steps else args.budget, "epochs": args.epochs, **spend}
     if not args.report_only:
         cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)

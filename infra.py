@@ -60,6 +60,37 @@ def atomic_write_json(path, obj):
     atomic_write_lines(path, [json.dumps(obj, indent=2, default=str)])
 
 
+def save_figure(fig, path) -> Path:
+    """A matplotlib figure saved atomically (a temporary file beside `path`, then renamed) -> path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_results(out, record, markdown, plot=None, docs=None):
+    """An analysis's outputs in `out`: results.json (the record), results.md and, when plot(path) draws one,
+    results.png; with docs PREFIX, copies as PREFIX.{json,md,png} (the README's figures)."""
+    out = Path(out)
+    atomic_write_json(out / "results.json", record)
+    atomic_write_lines(out / "results.md", markdown.rstrip("\n").split("\n"))
+    png = plot(out / "results.png") if plot is not None else None
+    if docs:
+        Path(docs).parent.mkdir(parents=True, exist_ok=True)
+        for ext, src in (("md", out / "results.md"), ("json", out / "results.json"), ("png", png)):
+            if src is not None and Path(src).is_file():
+                shutil.copyfile(src, f"{docs}.{ext}")
+
+
+def is_results_file(path, key) -> bool:
+    """A results.json that write_results wrote for an analysis whose record holds `key` (check_output's `ours`)."""
+    try:
+        return key in json.loads(Path(path).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def replace_dir(tmp: Path, target: Path):
     """Move a finished directory into place; an existing target is swapped out, never half-overwritten."""
     tmp, target = Path(tmp), Path(target)

@@ -258,6 +258,8 @@ def check(cfg):
         _fail("order", cfg.order, " or ".join(ORDERS))
     if cfg.eval_every < 0:
         _fail("eval_every", cfg.eval_every, "an integer >= 0 (0: no evaluation during training)")
+    if cfg.eval_every and not cfg.eval_tasks:
+        _fail("eval_every", cfg.eval_every, "0 when --eval-tasks is none (nothing to evaluate during training)")
     try:
         eval_settings(cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype)
     except ProjectError as e:
@@ -459,8 +461,8 @@ def check_device_memory(cfg, device, dtype) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None   # an unreadable config.json: loading reports it
     if device.type == "cuda" and cfg.memory_check:
-        free = torch.cuda.get_device_properties(device).total_memory
-        check_memory(est, free, str(device), cfg)
+        total = torch.cuda.get_device_properties(device).total_memory
+        check_memory(est, total, str(device), cfg)
     return est
 
 

@@ -252,7 +252,8 @@ class Transformer(nn.Module):
         pad_rows: what a query row with no real key before it (a left pad) attends to. "self": itself only, and
         positions count real tokens. "all": every position of its row, and positions are 0..T-1 -- transformers
         4.38.2's Llama/Mistral with sdpa on CUDA (the WMDP reference's RMU), whose _unmask_unattended un-masks such
-        rows. Real tokens get the same values either way (RoPE is relative; pads are never their keys).
+        rows. Real tokens get the same values either way (RoPE is relative; pads are never their keys). With a KV
+        cache (generation) the "self" rule always applies.
 
         Returns the residual stream after layer `until_layer` if given, else the final-normed hidden states
         (output="hidden") or fp32 logits (output="logits").

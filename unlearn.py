@@ -303,16 +303,19 @@ def run(cfg, given=None) -> dict:
     plan = budget.make_plan(cfg.steps, cfg.grad_accum, cfg.batch_size, [len(b) for b in fb], [len(b) for b in rb],
                             retain_of, cfg.order, cfg.seed)
     spent = budget.budget_record(plan, rule, cfg.order, cfg.forget, [len(d) for d in forget_docs],
-                                 [b.doc_of for b in fb], uniq, [len(d) for d in retain_docs])
+                                 [b.doc_of for b in fb], uniq, [b.doc_of for b in rb])
     for line in budget.coverage_warnings(spent):
         print(f"unlearn: warning: {line}", file=sys.stderr)
     out = Path(cfg.out)
     before, before_cached = evaluate_model(cfg, model, tok, dtype, settings, True) if cfg.eval_tasks else (None, False)
     curve = [{"step": 0, "results": before}] if cfg.eval_every and cfg.eval_tasks else None
+    curve_eval_s = [0.0]   # time in the curve's evaluations, kept out of train_s
 
     def after_step(step):   # the budget curve: the tasks every eval_every steps (the last step is the "after")
         if curve is not None and step % cfg.eval_every == 0 and step < cfg.steps:
+            te = time.time()
             curve.append({"step": step, "results": evaluate_model(cfg, model, tok, dtype, settings, False)[0]})
+            curve_eval_s[0] += time.time() - te
     train, opt = build(cfg, model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -321,7 +324,7 @@ def run(cfg, given=None) -> dict:
     hist, parts, extra = trainer(cfg, model, tok, fb, rb, plan, train, opt, device, after_step if curve else None)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    train_s = time.time() - t0
+    train_s = time.time() - t0 - curve_eval_s[0]
     check_weights_finite(train, cfg.steps)
     record = {
         **info, "method": cfg.method, "seed": cfg.seed, "toy": methods.is_toy(cfg.model), "steps": cfg.steps,
@@ -333,6 +336,7 @@ def run(cfg, given=None) -> dict:
                                               for t, i in zip(ts, idx))},
         "trained_params": list(train), "loss": hist, "loss_parts": parts, **extra,
         "train_s": round(train_s, 3), "steps_per_s": cfg.steps / train_s if train_s > 0 else None,
+        "curve_eval_s": round(curve_eval_s[0], 3),
         "peak_memory_bytes": peak_memory(device), "memory_estimate_bytes": memory,
         "checkpoint": str(out / "model") if cfg.save else None,
         "eval": {"tasks": cfg.eval_tasks, "settings": settings, "before": before, "before_cached": before_cached,

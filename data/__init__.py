@@ -274,7 +274,11 @@ def read_corpus(path, min_chars=0, raw=False):
         if raw:
             with open(path, encoding="utf-8") as f:   # universal newlines, as the reference's open(..., "r")
                 lines = f.readlines()
-            docs = [lines[int(where.rsplit(":", 1)[1]) - 1] for where, t in recs if t]
+            # the length filter below reads the parsed text, so the same documents (and coreset indices) survive
+            docs = [lines[int(where.rsplit(":", 1)[1]) - 1] for where, t in recs if len(t) > min_chars]
+            if not docs:
+                raise DataError(f"{path}: no document is longer than --min-chars {min_chars}")
+            return docs
         else:
             docs = [t for _, t in recs if t]
     else:
@@ -318,6 +322,8 @@ def mc_record(obj, where, form="letter"):
     q = _str_field(obj, "question", where)
     choices = obj.get("choices")
     cloze = form == "cloze"
+    if cloze and not q.strip():   # the question is the whole context of every choice
+        raise DataError(f"{where}: expected a non-empty 'question' (the context of the cloze form)")
     ok = isinstance(choices, (list, tuple)) and all(isinstance(c, str) for c in choices) and \
         (len(choices) >= 2 and all(choices) if cloze else len(choices) == 4)
     if not ok:

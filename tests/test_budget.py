@@ -66,7 +66,7 @@ def test_one_epoch_sees_the_whole_coreset(selected):
         steps, rule = B.resolve_steps(cfg, [24453, 1987], sizes, [4358])
         plan = B.make_plan(steps, 1, 4, sizes, [4358], [0, 0], order, 42)
         rec = B.budget_record(plan, rule, order, ["bio", "cyber"], [24453, 1987],
-                              [list(range(selected))] * 2, ["wiki"], [4358])
+                              [list(range(selected))] * 2, ["wiki"], [list(range(4358))])
         assert [f["docs_seen"] for f in rec["forget"]] == [selected, selected]
         assert rec["epochs"] == 1.0 and not B.coverage_warnings(rec)
     # the reference's own schedule sees 300 of them per topic: said in a warning
@@ -74,18 +74,26 @@ def test_one_epoch_sees_the_whole_coreset(selected):
     steps, rule = B.resolve_steps(cfg, [24453, 1987], sizes, [4358])
     plan = B.make_plan(steps, 1, 4, sizes, [4358], [0, 0], "file", 42)
     rec = B.budget_record(plan, rule, "file", ["bio", "cyber"], [24453, 1987], [list(range(selected))] * 2,
-                          ["wiki"], [4358])
+                          ["wiki"], [list(range(4358))])
     assert rec["steps"] == 150 and [f["docs_seen"] for f in rec["forget"]] == [min(selected, 300)] * 2
     assert len(B.coverage_warnings(rec)) == (2 if selected > 300 else 0)
 
 
-def test_chunked_items_count_documents():
+def test_chunked_items_count_documents(tiny):
     """With --chunk-tokens an item is a piece of a document: docs_seen counts the documents behind the pieces."""
     doc_of = [0, 0, 0, 1, 2, 2]
-    plan = B.make_plan(1, 1, 4, [6], [3], [0], "file", 0)
-    rec = B.budget_record(plan, "steps", "file", ["f"], [10], [doc_of], ["r"], [3])
-    assert rec["forget"][0] | {} == {"file": "f", "docs_available": 10, "docs_selected": 3, "docs_seen": 2,
-                                     "items_selected": 6, "items_drawn": 4, "epochs": round(4 / 6, 4)}
+    plan = B.make_plan(1, 1, 4, [6], [5], [0], "file", 0)
+    rec = B.budget_record(plan, "steps", "file", ["f"], [10], [doc_of], ["r"], [[0, 0, 1, 1, 2]])
+    assert rec["forget"][0] == {"file": "f", "docs_available": 10, "docs_selected": 3, "docs_seen": 2,
+                                "items_selected": 6, "items_drawn": 4, "epochs": round(4 / 6, 4)}
+    assert rec["retain"] == [{"file": "r", "docs_available": 3, "docs_seen": 2}]   # retain pieces too
+    # "E epochs of the full set" counts pieces when documents are chunked
+    from data import read_corpus
+    from model import load_tokenizer
+    tok, docs = load_tokenizer(tiny["model"]), read_corpus(tiny["forget"])[:5]
+    assert B.full_set_items(SimpleNamespace(chunk_tokens=0), [docs, docs[:2]]) == [5, 2]
+    pieces = sum(-(-len(ids) // 8) for ids in tok.encode_batch(docs))
+    assert B.full_set_items(SimpleNamespace(chunk_tokens=8), [docs], tok) == [pieces] and pieces > 5
 
 
 def test_run_records_its_budget_and_warns(tiny, tmp_path, capsys):
@@ -121,7 +129,7 @@ def test_sweep_policies_give_the_documented_steps(tmp_path):
     """equal-steps: every ratio gets E epochs of the full set (never the 150-batch cap); equal-epochs: E epochs of
     the cell's own set; --steps N: N."""
     base = ["--out", str(tmp_path / "s")]
-    sizes = [24453, 1987]
+    sizes = [["doc"] * 24453, ["doc"] * 1987]
     args = S.build_parser().parse_args(base)
     assert S.cell_budget(args, sizes) == {"steps": 2 * 6114}                     # 1 epoch of the full set
     args = S.build_parser().parse_args(base + ["--epochs", "0.5", "--unlearn-args", "--grad-accum 2"])
@@ -168,3 +176,16 @@ def test_budget_curve_evaluates_inside_both_runs(tiny, tmp_path, monkeypatch):
     for ext in ("json", "md", "png"):
         assert (out / f"results.{ext}").is_file() and (tmp_path / "docs" / f"bc.{ext}").is_file()
     assert "| 4 |" in (out / "results.md").read_text()
+
+
+def test_budget_flags_belong_to_the_sweep_and_the_curve(tmp_path):
+    args = S.build_parser().parse_args(["--out", str(tmp_path / "s"), "--unlearn-args", "--epochs 2"])
+    with pytest.raises(S.CoresetError, match="--unlearn-args: give the budget"):
+        S.unlearn_overrides(args, 0, tmp_path)
+    import budget_curve
+    for extra, msg in ((["--unlearn-args=--steps 3"], "--unlearn-args"), (["--tasks", "none"], "--tasks")):
+        with pytest.raises(SystemExit) as e:
+            budget_curve.main(["--out", str(tmp_path / "c"), *extra])
+        assert msg in str(e.value.code) and "\n" not in str(e.value.code)
+    with pytest.raises(methods.ConfigError, match="--eval-every 5"):
+        methods.resolve({"eval_every": 5, "eval_tasks": "none"})

@@ -472,7 +472,7 @@ def test_sweep_overrides():
     assert S.select_overrides("") == {}
     args = S.build_parser().parse_args(["--method", "npo", "--steps", "4", "--unlearn-args", "--lr 1e-4 --beta 0.2"])
     ov = S.unlearn_overrides(args, 3, Path("/tmp/c"), coreset_file="/tmp/c/coreset.jsonl",
-                             cell_budget=S.cell_budget(args, [13]))
+                             cell_budget=S.cell_budget(args, [["doc"] * 13]))
     assert ov["method"] == "npo" and ov["seed"] == 3 and ov["steps"] == 4 and ov["coreset"] == "/tmp/c/coreset.jsonl"
     assert ov["lr"] == 1e-4 and ov["beta"] == 0.2 and ov["save"] is False and "eval_limit" not in ov
     args = S.build_parser().parse_args(["--eval-preset", "wmdp-published", "--eval-ll-dtype", "model"])
@@ -571,6 +571,10 @@ def test_make_passes_the_methods_loss_the_retain_contrast_and_seed_42():
     sweep = make_dry("sweep", "BUDGET=equal-epochs", "EPOCHS=3")
     assert "--budget equal-epochs" in sweep and "--epochs 3" in sweep and "sweep-rmu-random-equal-epochs" in sweep
     assert "budget_curve.py" in make_dry("budget-curve", "EVERY=5") and "--every 5" in make_dry("budget-curve", "EVERY=5")
+    # one flag as UNLEARN_FLAGS reaches the script as one value (argparse takes "--x" alone for an option)
+    for target in ("sweep", "budget-curve", "connectivity"):
+        assert '--unlearn-args="--no-progress"' in make_dry(target, "UNLEARN_FLAGS=--no-progress"), target
+    assert S.build_parser().parse_args(["--unlearn-args=--no-progress"]).unlearn_args == "--no-progress"
 
 
 @pytest.mark.make

@@ -490,7 +490,10 @@ def test_raw_json_lines_as_the_reference_reads_the_cyber_corpus(tmp_path):
     p.write_text("".join(lines))
     assert data.read_corpus(p) == ['a "quoted" exploit', "second"]
     assert data.read_corpus(p, raw=True) == [lines[0], lines[3]]
-    assert data.read_corpus(p, min_chars=20, raw=True) == [lines[0]]
+    # the length filter reads the parsed text (18 and 6 characters), not the longer raw line: the same documents
+    assert data.read_corpus(p, min_chars=10, raw=True) == [lines[0]] and data.read_corpus(p, min_chars=10) == ['a "quoted" exploit']
+    with pytest.raises(DataError, match="longer than --min-chars 20"):
+        data.read_corpus(p, min_chars=20, raw=True)
     (tmp_path / "x.txt").write_text("a\n")
     with pytest.raises(DataError, match="raw lines"):
         data.read_corpus(tmp_path / "x.txt", raw=True)

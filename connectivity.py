@@ -1,0 +1,213 @@
+"""Mode connectivity: is a coreset-unlearned model the same kind of model as a full-set one? The forget and utility
+metrics along the straight line between two unlearned models of one base, theta(t) = (1 - t) theta_A + t theta_B,
+and the barrier (Garipov et al. 2018; Frankle et al. 2020).
+
+    python connectivity.py                      # the toy: trains A (RMU, full forget set) and B (a 5% coreset)
+    python connectivity.py --a RUN_A/model --b RUN_B/model --base MODEL --data DATA --tasks wmdp_bio,mmlu
+    (make connectivity METHOD=rmu RATIO=0.05)
+
+Paths: A <-> B, and base <-> A, base <-> B (is forgetting a cliff or a slope?). Only the tensors that differ
+between a path's two ends are interpolated (RMU: the three trained down_proj matrices), so a 7B path costs one
+model in memory plus two copies of those tensors (kept on the CPU); the output lists them. Per path and metric,
+at --points evenly spaced t (default 11, t = 0, 0.1, ..., 1):
+    barrier = max_t [E(t) - ((1 - t) E(0) + t E(1))]   and the t where it occurs (> 0: above the straight line)
+    dip     = min_t [ ... ]                              (< 0: below it)
+Without --a / --b both ends are trained first with unlearn.run (same method, seed and settings; A on the full
+forget set, B on a seeded random --ratio coreset) into --out/a and --out/b.
+Writes --out/results.{json,md,png} (json: the run record, the interpolated tensors, every point); --docs PREFIX
+copies them.
+"""
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import evaluate
+import methods
+import unlearn
+from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, run_info,
+                   save_figure, split_list, write_results)
+from loglik import eval_settings
+from model import checkpoint_shards, load, open_safetensors
+
+
+def build_parser():
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--a", default=None, help="checkpoint A (default: trained here on the full forget set)")
+    p.add_argument("--b", default=None, help="checkpoint B (default: trained here on a --ratio coreset)")
+    p.add_argument("--base", default=str(TOY_MODEL), help="the model both were unlearned from")
+    p.add_argument("--method", default="rmu", help="unlearning method when A and B are trained here")
+    p.add_argument("--ratio", default="0.05", help="B's coreset when trained here")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--forget", default=str(TOY_DIR / "forget_corpus.jsonl"))
+    p.add_argument("--retain", default=str(TOY_DIR / "retain_corpus.jsonl"))
+    p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags for A and B, e.g. \"--epochs 1\"")
+    p.add_argument("--data", default=str(TOY_DIR), help="DATA dir of the evaluation tasks")
+    p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
+    p.add_argument("--utility-tasks", default=",".join(data.UTILITY_TASKS),
+                   help="tasks that measure retained utility (the others are forget tasks)")
+    p.add_argument("--points", type=int, default=11, help="evenly spaced t in [0, 1]")
+    p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--eval-preset", default="current", help="evaluator settings (loglik.EVAL_PRESETS)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/connectivity")
+    p.add_argument("--docs", default=None, help="also copy results.{md,json,png} to this prefix")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def barrier(ts, values):
+    """(max, argmax t, min, argmin t) of E(t) minus the straight line between E(0) and E(1)."""
+    gaps = [v - ((1 - t) * values[0] + t * values[-1]) for t, v in zip(ts, values)]
+    hi, lo = max(range(len(gaps)), key=gaps.__getitem__), min(range(len(gaps)), key=gaps.__getitem__)
+    return {"barrier": gaps[hi], "barrier_t": ts[hi], "dip": gaps[lo], "dip_t": ts[lo]}
+
+
+def differing_tensors(path_a, path_b) -> dict:
+    """name -> (A's tensor, B's tensor) on the CPU for every tensor whose values differ (same names and shapes
+    required: both must come from one base)."""
+    def files_of(path):   # tensor name -> its shard
+        out = {}
+        for file in checkpoint_shards(Path(path)):
+            with open_safetensors(file) as f:
+                out.update(dict.fromkeys(f.keys(), file))
+        return out
+    in_a, in_b = files_of(path_a), files_of(path_b)
+    if set(in_a) != set(in_b):
+        raise ProjectError(f"{path_a} / {path_b}: different tensor names ({sorted(set(in_a) ^ set(in_b))[:4]}); "
+                           "expected two models of one base")
+    diff = {}
+    for file_a in sorted(set(in_a.values())):
+        with open_safetensors(file_a) as fa:
+            for k in fa.keys():
+                ta = fa.get_tensor(k)
+                with open_safetensors(in_b[k]) as fb:
+                    tb = fb.get_tensor(k)
+                if ta.shape != tb.shape:
+                    raise ProjectError(f"{k}: shape {tuple(ta.shape)} in {path_a}, {tuple(tb.shape)} in {path_b}")
+                if not torch.equal(ta, tb):
+                    diff[k] = (ta, tb)
+    return diff
+
+
+def walk(args, name, end_a, end_b, settings, progress=True):
+    """Evaluate the straight path from end_a to end_b -> {"path", "tensors", "points": [{t, metrics}], "barriers"}."""
+    diff = differing_tensors(end_a, end_b)
+    model, tok = load(end_a, args.device, args.dtype)
+    params = dict(model.named_parameters())
+    ts = [i / (args.points - 1) for i in range(args.points)]
+    points = []
+    for t in ts:
+        with torch.no_grad():
+            for k, (ta, tb) in diff.items():
+                if k in params:   # a tied lm_head is the embedding matrix: set once
+                    params[k].copy_(((1 - t) * ta.double() + t * tb.double()).to(params[k].dtype))
+        res = evaluate.evaluate_tasks(model, tok, args.data, split_list(args.tasks, "--tasks"), args.batch_size,
+                                      args.eval_limit, False, bos=settings["bos"], ll_dtype=settings["ll_dtype"])
+        points.append({"t": t, "metrics": evaluate.task_metrics(evaluate.summarize(res))})
+        if progress:
+            print(f"connectivity: {name} t={t:.2f} " + " ".join(f"{m} {100 * v:.1f}"
+                                                           for m, v in points[-1]["metrics"].items()), flush=True)
+    metrics = list(points[0]["metrics"])
+    return {"path": name, "from": str(end_a), "to": str(end_b), "tensors": sorted(diff), "points": points,
+            "barriers": {m: barrier(ts, [p["metrics"][m] for p in points]) for m in metrics}}
+
+
+def train_ends(args):
+    """A (full forget set) and B (a --ratio coreset), same method, seed and settings -> their checkpoint dirs."""
+    ends = []
+    for sub, ratio in (("a", None), ("b", args.ratio)):
+        given = {"method": args.method, "model": args.base, "forget": args.forget, "retain": args.retain,
+                 "seed": args.seed, "ratio": ratio, "out": str(Path(args.out) / sub), "eval_tasks": "none",
+                 "device": args.device, "dtype": args.dtype, "progress": not args.no_progress}
+        given = {k: v for k, v in given.items() if v is not None}
+        given.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+        unlearn.run(methods.resolve(given), given=given)
+        ends.append(str(Path(args.out) / sub / "model"))
+    return ends
+
+
+def markdown(paths, util, title):
+    lines = [f"### {title}", ""]
+    for p in paths:
+        ms = list(p["barriers"])
+        lines += [f"**{p['path']}** ({len(p['tensors'])} tensors interpolated)", "",
+                  "| t | " + " | ".join(f"{m} ({'utility' if m.split('/')[0] in util else 'forget'})" for m in ms) + " |",
+                  "|" + "---|" * (len(ms) + 1)]
+        lines += [f"| {q['t']:.2f} | " + " | ".join(f"{100 * q['metrics'][m]:.1f}" for m in ms) + " |" for q in p["points"]]
+        lines += ["| barrier (t) | " + " | ".join(f"{100 * b['barrier']:+.1f} ({b['barrier_t']:.1f})"
+                                                   for b in p["barriers"].values()) + " |",
+                  "| dip (t) | " + " | ".join(f"{100 * b['dip']:+.1f} ({b['dip_t']:.1f})"
+                                               for b in p["barriers"].values()) + " |", ""]
+    lines.append("Accuracy in %. barrier / dip: the largest rise above / fall below the straight line between the "
+                 "path's two ends, in points, and where it occurs.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(paths, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("connectivity: matplotlib is not installed, no plot (the table is written)", file=sys.stderr)
+        return None
+    ms = list(paths[0]["barriers"])
+    fig, axes = plt.subplots(1, len(ms), figsize=(4.2 * len(ms), 3.6), dpi=120, squeeze=False)
+    for ax, m in zip(axes[0], ms):
+        for p in paths:
+            ax.plot([q["t"] for q in p["points"]], [100 * q["metrics"][m] for q in p["points"]], marker="o", ms=3,
+                    label=p["path"])
+        ax.axhline(25, color="gray", ls=":", lw=1)
+        ax.set_xlabel("t (0: first end, 1: second end)")
+        ax.set_ylabel(f"{m} accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def main_work(args):
+    t0 = time.time()
+    if args.points < 2:
+        raise ProjectError(f"--points {args.points}: expected at least 2 (the two ends)")
+    if (args.a is None) != (args.b is None):
+        raise ProjectError("--a and --b: give both checkpoints, or neither (both are then trained here)")
+    settings = eval_settings(args.eval_preset, None, None, args.base)
+    inputs = [args.base, args.a, args.b, args.forget, args.retain] + \
+        evaluate.task_files(split_list(args.tasks, "--tasks"), args.data)
+    check_output(Path(args.out) / "results.json", inputs, "--out", kind="file", ours=lambda p: is_results_file(p, "paths"),
+                 name="connectivity")
+    record = run_info(args)
+    a, b = (args.a, args.b) if args.a else train_ends(args)
+    progress = not args.no_progress
+    paths = [walk(args, "A <-> B", a, b, settings, progress), walk(args, "base <-> A", args.base, a, settings, progress),
+             walk(args, "base <-> B", args.base, b, settings, progress)]
+    util = set(split_list(args.utility_tasks, "--utility-tasks"))
+    title = f"{args.method.upper()}, seed {args.seed}: A = full forget set, B = {args.ratio} coreset" if not args.a \
+        else f"Linear paths: A = {Path(a).parent.name}/{Path(a).name}, B = {Path(b).parent.name}/{Path(b).name}"
+    out = Path(args.out)
+    record.update(a=str(a), b=str(b), base=str(args.base), eval_settings=settings, paths=paths,
+                  time_s=round(time.time() - t0, 3))
+    md = markdown(paths, util, title)
+    write_results(out, record, md, lambda png: plot(paths, png, title), args.docs)
+    print(md)
+    return record
+
+
+def main(argv=None):
+    return cli_main("connectivity", main_work, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
