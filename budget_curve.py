@@ -16,7 +16,6 @@ copies them to PREFIX.{json,md,png}.
 """
 import argparse
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -26,8 +25,8 @@ import evaluate
 import methods
 import unlearn
 from model import load_tokenizer
-from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, run_info,
-                   save_figure, split_list, write_results)
+from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, pyplot,
+                   run_info, save_figure, split_list, write_results)
 
 
 def build_parser():
@@ -112,12 +111,8 @@ def markdown(curves, metrics, util, title):
 
 
 def plot(curves, metrics, util, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("budget curve: matplotlib is not installed, no plot (the table is written)", file=sys.stderr)
+    plt = pyplot("budget curve")
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -130,13 +125,7 @@ def plot(curves, metrics, util, path, title):
     ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, [ax])
 
 
 def main_work(args):

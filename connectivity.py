@@ -19,7 +19,6 @@ copies them.
 """
 import argparse
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +28,8 @@ import data
 import evaluate
 import methods
 import unlearn
-from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, run_info,
-                   save_figure, split_list, write_results)
+from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, pyplot,
+                   run_info, save_figure, split_list, write_results)
 from loglik import eval_settings
 from model import checkpoint_shards, load, open_safetensors
 
@@ -152,12 +151,8 @@ def markdown(paths, util, title):
 
 
 def plot(paths, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("connectivity: matplotlib is not installed, no plot (the table is written)", file=sys.stderr)
+    plt = pyplot("connectivity")
+    if plt is None:
         return None
     ms = list(paths[0]["barriers"])
     fig, axes = plt.subplots(1, len(ms), figsize=(4.2 * len(ms), 3.6), dpi=120, squeeze=False)
@@ -168,13 +163,7 @@ def plot(paths, path, title):
         ax.axhline(25, color="gray", ls=":", lw=1)
         ax.set_xlabel("t (0: first end, 1: second end)")
         ax.set_ylabel(f"{m} accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, axes[0])
 
 
 def main_work(args):

@@ -24,7 +24,6 @@ copies the three to PREFIX.{md,json,png}. The table shows each row's steps, epoc
 import argparse
 import json
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import unlearn
 from coreset import CoresetError, coreset_size
 from data import UTILITY_TASKS
 from model import load_tokenizer
-from infra import TOY_DIR, TOY_MODEL, atomic_write_json, cli_main, run_info, save_figure, split_list, write_results
+from infra import TOY_DIR, TOY_MODEL, atomic_write_json, cli_main, pyplot, run_info, save_figure, split_list, write_results
 
 BUDGETS = ("equal-steps", "equal-epochs")
 
@@ -264,13 +263,8 @@ def markdown_table(agg, title, notes=()):
 
 def plot(agg, path, title):
     """Accuracy against coreset ratio with error bars (or bars per selection at a single ratio) -> PNG."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("coreset sweep: matplotlib is not installed, no plot (make setup installs it from the lock); "
-              "the table is written", file=sys.stderr)
+    plt = pyplot("coreset sweep")
+    if plt is None:
         return None
     ms = agg["forget_metrics"] + agg["utility_metrics"]
     sels = list(dict.fromkeys(r["select"] for r in agg["rows"]))
@@ -314,13 +308,7 @@ def plot(agg, path, title):
             ax.minorticks_off()
         ax.set_xlabel("coreset ratio (fraction of the forget set)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    save_figure(fig, path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title, [ax])
 
 
 def report(args, sels, ratios, seeds, record, with_plot=True):

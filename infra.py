@@ -60,12 +60,35 @@ def atomic_write_json(path, obj):
     atomic_write_lines(path, [json.dumps(obj, indent=2, default=str)])
 
 
-def save_figure(fig, path) -> Path:
-    """A matplotlib figure saved atomically (a temporary file beside `path`, then renamed) -> path."""
+def pyplot(who):
+    """matplotlib.pyplot on the Agg backend, or None with one line on stderr when matplotlib is missing (the
+    caller's table is written all the same)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print(f"{who}: matplotlib is not installed, no plot (make setup installs it from the lock); the table is "
+              "written", file=sys.stderr)
+        return None
+
+
+def save_figure(fig, path, title=None, axes=()) -> Path:
+    """Finish a figure (title; grid and legend on each of `axes`; tight layout), save it atomically (a temporary
+    file beside `path`, then renamed) and close it -> path."""
+    import matplotlib.pyplot as plt
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     fig.savefig(tmp)
     os.replace(tmp, path)
+    plt.close(fig)
     return path
 
 
