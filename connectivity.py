@@ -20,6 +20,7 @@ copies them.
 import argparse
 import shlex
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -83,16 +84,16 @@ def differing_tensors(path_a, path_b) -> dict:
         raise ProjectError(f"{path_a} / {path_b}: different tensor names ({sorted(set(in_a) ^ set(in_b))[:4]}); "
                            "expected two models of one base")
     diff = {}
-    for file_a in sorted(set(in_a.values())):
-        with open_safetensors(file_a) as fa:
-            for k in fa.keys():
-                ta = fa.get_tensor(k)
-                with open_safetensors(in_b[k]) as fb:
-                    tb = fb.get_tensor(k)
-                if ta.shape != tb.shape:
-                    raise ProjectError(f"{k}: shape {tuple(ta.shape)} in {path_a}, {tuple(tb.shape)} in {path_b}")
-                if not torch.equal(ta, tb):
-                    diff[k] = (ta, tb)
+    with ExitStack() as stack:   # each shard of B opened once
+        shard_b = {f: stack.enter_context(open_safetensors(f)) for f in set(in_b.values())}
+        for file_a in sorted(set(in_a.values())):
+            with open_safetensors(file_a) as fa:
+                for k in fa.keys():
+                    ta, tb = fa.get_tensor(k), shard_b[in_b[k]].get_tensor(k)
+                    if ta.shape != tb.shape:
+                        raise ProjectError(f"{k}: shape {tuple(ta.shape)} in {path_a}, {tuple(tb.shape)} in {path_b}")
+                    if not torch.equal(ta, tb):
+                        diff[k] = (ta, tb)
     return diff
 
 

@@ -69,15 +69,10 @@ class UnlearnError(ProjectError):
 
 # ----------------------------------------------------------------------------------------------- coreset
 
-def select(cfg, forget_docs) -> list:
+def select(cfg, forget_docs):
     """Per forget file the selected document indices (sorted): --coreset, --ratio (a seeded random draw, the same
-    as coreset.py --method random), or all."""
-    return select_texts(cfg, forget_docs)[0]
-
-
-def select_texts(cfg, forget_docs):
-    """-> (indices per forget file, texts per forget file): the selected documents' texts, or the coreset's own
-    texts where it gives them (a keyword-only forget set: each document reduced to its keywords)."""
+    as coreset.py --method random), or all. -> (indices per forget file, texts per forget file): the selected
+    documents' texts, or the coreset's own texts where it gives them (a keyword-only forget set)."""
     sizes = [len(d) for d in forget_docs]
     if cfg.coreset:
         sel, given = coreset.read_coreset(cfg.coreset, cfg.forget, sizes, with_texts=True)
@@ -292,7 +287,7 @@ def run(cfg, given=None) -> dict:
     uniq = list(dict.fromkeys(real))  # wikitext,wikitext: one corpus
     retain_docs = read_corpora([cfg.retain[real.index(u)] for u in uniq], cfg.min_chars)
     retain_of = [uniq.index(r) for r in (real if len(real) > 1 else real * len(cfg.forget))]
-    sel, forget_sel = select_texts(cfg, forget_docs)
+    sel, forget_sel = select(cfg, forget_docs)
     memory = methods.check_device_memory(cfg, device, dtype)
     settings = eval_settings(cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype, cfg.model)
     torch.manual_seed(cfg.seed)

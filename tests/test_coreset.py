@@ -92,8 +92,8 @@ def test_random_matches_unlearn_ratio_and_is_seeded():
         assert C.random_indices(n, k, seed, t).tolist() == want
     cfg = SimpleNamespace(coreset=None, ratio=0.2, seed=3, forget=["a", "b"])
     docs = [["x"] * 37, ["y"] * 12]
-    assert unlearn.select(cfg, docs) == [C.random_indices(37, 7, 3, 0).tolist(), C.random_indices(12, 2, 3, 1).tolist()]
-    assert unlearn.select(SimpleNamespace(coreset=None, ratio=None), docs) == [list(range(37)), list(range(12))]
+    assert unlearn.select(cfg, docs)[0] == [C.random_indices(37, 7, 3, 0).tolist(), C.random_indices(12, 2, 3, 1).tolist()]
+    assert unlearn.select(SimpleNamespace(coreset=None, ratio=None), docs)[0] == [list(range(37)), list(range(12))]
     a = C.random_indices(200, 10, 0)
     assert list(a) == list(C.random_indices(200, 10, 0)) and list(a) != list(C.random_indices(200, 10, 1))
     assert list(a) != list(C.random_indices(200, 10, 0, 1))
@@ -281,7 +281,7 @@ def test_coreset_file_read_back_by_unlearn(tiny, tmp_path):
     # unlearn.py --coreset reads it through the same function
     from types import SimpleNamespace
     cfg = SimpleNamespace(coreset=str(out), ratio=None, seed=0, forget=files)
-    assert unlearn.select(cfg, [data.read_corpus(f) for f in files]) == got
+    assert unlearn.select(cfg, [data.read_corpus(f) for f in files])[0] == got
 
 
 @pytest.mark.parametrize("lines, msg", [

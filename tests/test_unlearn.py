@@ -333,7 +333,7 @@ def test_ratio_draws_the_same_documents_as_coreset_random(tiny, tmp_path):
     cfg = args_for(tiny, tmp_path / "o", "--ratio", "0.2", "--seed", "3",
                    "--forget", f"{tiny['forget']},{tiny['forget2']}")
     from data import read_corpus
-    sel = U.select(cfg, [read_corpus(tiny["forget"]), read_corpus(tiny["forget2"])])
+    sel = U.select(cfg, [read_corpus(tiny["forget"]), read_corpus(tiny["forget2"])])[0]
     rec = coreset.select(coreset.SelectConfig(method="random", forget=f"{tiny['forget']},{tiny['forget2']}",
                                               ratio=0.2, seed=3, out=str(tmp_path / "cs.jsonl"), progress=False))
     assert sel == coreset.read_coreset(rec["coreset"], cfg.forget, [30, 11]) and [len(x) for x in sel] == [6, 2]
