@@ -189,3 +189,12 @@ def test_budget_flags_belong_to_the_sweep_and_the_curve(tmp_path):
         assert msg in str(e.value.code) and "\n" not in str(e.value.code)
     with pytest.raises(methods.ConfigError, match="--eval-every 5"):
         methods.resolve({"eval_every": 5, "eval_tasks": "none"})
+
+
+def test_bad_raw_topics_and_curve_steps_are_one_line_errors(tmp_path):
+    with pytest.raises(methods.ConfigError, match="--raw-json-topics 3: expected forget topic indices in 0..0"):
+        methods.resolve({"raw_json_topics": "3"})
+    import budget_curve
+    with pytest.raises(SystemExit) as e:
+        budget_curve.main(["--out", str(tmp_path / "c"), "--steps", "10", "--every", "-1"])
+    assert "--every -1" in str(e.value.code) and "\n" not in str(e.value.code)
