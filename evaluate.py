@@ -105,15 +105,19 @@ class EvalError(ProjectError):
     """Bad evaluation input (unknown task, missing or malformed file); the message is one line."""
 
 
+def mc_pairs(items, topic=None, form="letter"):
+    """Per question the harness's (context, [continuation per choice]) strings, before tokenization.
+    letter: the lm-eval prompt and " A".." D"; cloze: the question as context and " " + each choice's text."""
+    if form == "cloze":
+        return [(it["question"], [" " + c for c in it["choices"]]) for it in items]
+    return [(mc_prompt(it["question"], it["choices"], topic if topic else it.get("subject")),
+             [" " + letter for letter in CHOICE_LETTERS]) for it in items]
+
+
 def mc_requests(tok, items, topic=None, bos=None, form="letter"):
     """Tokenize questions the harness's way -> per question dict(ctx, conts, fast) (loglik.choice_requests).
     letter: the lm-eval prompt and " A".." D"; cloze: the question as context and " " + each choice's text."""
-    if form == "cloze":
-        pairs = [(it["question"], [" " + c for c in it["choices"]]) for it in items]
-    else:
-        pairs = [(mc_prompt(it["question"], it["choices"], topic if topic else it.get("subject")),
-                  [" " + letter for letter in CHOICE_LETTERS]) for it in items]
-    reqs = choice_requests(tok, pairs, bos)
+    reqs = choice_requests(tok, mc_pairs(items, topic, form), bos)
     for q, (r, it) in enumerate(zip(reqs, items)):
         if any(len(c) == 0 for c in r["conts"]):
             raise EvalError(f"question {q} ({it['question'][:40]!r}...): a choice adds no token to the context")
@@ -331,8 +335,9 @@ def task_metrics(results):
 
 
 def metric_value_pct(name, v):
-    """A metric for display: accuracies (plain task names) x100, MUSE metrics (task/metric) as they are (x100)."""
-    return v if "/" in name else 100 * v
+    """A metric for display: accuracies (plain task names, and the cloze form's task/acc_norm) x100, MUSE metrics
+    (task/metric) as they are (already x100)."""
+    return 100 * v if "/" not in name or name.endswith("/acc_norm") else v
 
 
 def format_table(before, after, method, steps, train_s):

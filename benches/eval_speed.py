@@ -14,21 +14,21 @@ from pathlib import Path
 
 import torch
 
-from data import MUSE_TASKS, mc_prompt
-from evaluate import CHOICE_LETTERS, DEFAULTS, EvalError, argmax_first, load_mc_task, mc_loglikelihoods, mc_requests
+from data import MUSE_TASKS, resolve_task, task_form
+from evaluate import DEFAULTS, EvalError, argmax_first, load_mc_task, mc_loglikelihoods, mc_pairs, mc_requests
 from loglik import scoring_bar
 from infra import ProjectError, atomic_write_json, cli_main, resolve_dtype, run_info
 from model import load
 
 
-def harness_hf_loglikelihoods(hf_model, tok, items, topic=None, batch_size=32, bos=None, progress=False):
+def harness_hf_loglikelihoods(hf_model, tok, items, topic=None, batch_size=32, bos=None, progress=False, form="letter"):
     """The harness's Hugging Face path, emulated line for line (lm_eval HFLM._loglikelihood_tokens with its default
     logits_cache): requests grouped by context + continuation[:-1], one forward per group over (ctx + cont)[:-1]
     without attention mask, groups sorted by descending length, right padded to the longest of the batch;
     F.log_softmax(model(inps).logits, dim=-1) over every position (in the logits' dtype: bf16 for a bf16 model
-    with transformers >= 4.46, fp32 before), gather, sum in that dtype, float(). -> per question four floats."""
+    with transformers >= 4.46, fp32 before), gather, sum in that dtype, float(). -> per question a float per choice."""
     import torch.nn.functional as F
-    reqs = mc_requests(tok, items, topic, bos)
+    reqs = mc_requests(tok, items, topic, bos, form)
     groups = {}  # key (ctx + cont[:-1]) -> list of (question, choice, ctx, cont)
     for q, r in enumerate(reqs):
         for j, c in enumerate(r["conts"]):
@@ -36,7 +36,7 @@ def harness_hf_loglikelihoods(hf_model, tok, items, topic=None, batch_size=32, b
     # lm-eval sorts requests by (-len(ctx + cont), tokens) and keeps the longest continuation per group
     keys = sorted(groups, key=lambda k: (-(len(k) + 1), k))
     max_length = hf_model.config.max_position_embeddings  # HFLM.max_length; longer inputs lose their left end
-    lls = [[None] * 4 for _ in reqs]
+    lls = [[None] * len(r["conts"]) for r in reqs]
     device = next(hf_model.parameters()).device
     bar = scoring_bar(len(keys), "harness", progress)
     for s in range(0, len(keys), batch_size):
@@ -58,18 +58,17 @@ def harness_hf_loglikelihoods(hf_model, tok, items, topic=None, batch_size=32, b
     return lls
 
 
-def harness_lm_eval_loglikelihoods(hf_model, hf_tok, items, topic=None, batch_size=32):
+def harness_lm_eval_loglikelihoods(hf_model, hf_tok, items, topic=None, batch_size=32, form="letter"):
     """lm-eval itself (when installed): HFLM.loglikelihood on our contexts and continuations."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     lm = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=batch_size)
-    reqs = []
-    for q, it in enumerate(items):
-        ctx = mc_prompt(it["question"], it["choices"], topic if topic else it.get("subject"))
-        for j, letter in enumerate(CHOICE_LETTERS):
-            reqs.append(Instance(request_type="loglikelihood", doc=it, arguments=(ctx, " " + letter), idx=j))
+    reqs, spans = [], []
+    for it, (ctx, conts) in zip(items, mc_pairs(items, topic, form)):
+        spans.append((len(reqs), len(conts)))
+        reqs += [Instance(request_type="loglikelihood", doc=it, arguments=(ctx, c), idx=j) for j, c in enumerate(conts)]
     res = lm.loglikelihood(reqs, disable_tqdm=True)
-    return [[res[4 * q + j][0] for j in range(4)] for q in range(len(items))]
+    return [[res[a + j][0] for j in range(n)] for a, n in spans]
 
 
 def bench(args, device=None):
@@ -89,7 +88,7 @@ def bench(args, device=None):
     tasks = [t for t in args.tasks.split(",") if t and t not in MUSE_TASKS]
     if not tasks:
         raise EvalError("--tasks: bench-eval needs at least one multiple-choice task")
-    sets = [load_mc_task(t, args.data, args.limit) for t in tasks]
+    sets = [load_mc_task(t, args.data, args.limit) + (task_form(resolve_task(t, args.data)[1]),) for t in tasks]
     ours, tok = load(args.model, device, dtype)
     report = {"model": str(args.model), "dtype": str(dtype).replace("torch.", ""), "batch_size": args.batch_size,
               "ours_batch_tokens": args.batch_tokens,
@@ -106,12 +105,13 @@ def bench(args, device=None):
 
     # ours first, then free it: a 7B model twice does not fit everywhere
     warm = sets[0][1][:args.batch_size]
-    run_ours = lambda items, topic: mc_loglikelihoods(ours, tok, items, topic, args.batch_size, bos=args.bos,
-                                                      ll_dtype=args.ll_dtype, batch_tokens=args.batch_tokens)
-    run_ours(warm, sets[0][2])
+    run_ours = lambda items, topic, form: mc_loglikelihoods(ours, tok, items, topic, args.batch_size, bos=args.bos,
+                                                            ll_dtype=args.ll_dtype, batch_tokens=args.batch_tokens,
+                                                            form=form)
+    run_ours(warm, *sets[0][2:])
     ours_ll = {}
-    for name, items, topic in sets:
-        ours_ll[name], dt = timed(lambda: run_ours(items, topic))
+    for name, items, topic, form in sets:
+        ours_ll[name], dt = timed(lambda: run_ours(items, topic, form))
         report["tasks"][name] = {"n": len(items), "ours_s": dt, "ours_qps": len(items) / dt}
     del ours
     if cuda:
@@ -124,14 +124,16 @@ def bench(args, device=None):
     try:
         import lm_eval  # noqa: F401
         hf_tok = transformers.AutoTokenizer.from_pretrained(args.model)
-        harness = lambda items, topic: harness_lm_eval_loglikelihoods(hf, hf_tok, items, topic, args.batch_size)
+        harness = lambda items, topic, form: harness_lm_eval_loglikelihoods(hf, hf_tok, items, topic, args.batch_size,
+                                                                            form)
         report["harness"] = "lm_eval " + getattr(lm_eval, "__version__", "?") + " HFLM"
     except ImportError:
-        harness = lambda items, topic: harness_hf_loglikelihoods(hf, tok, items, topic, args.batch_size, args.bos)
+        harness = lambda items, topic, form: harness_hf_loglikelihoods(hf, tok, items, topic, args.batch_size,
+                                                                       args.bos, form=form)
         report["harness"] = "emulation of lm-eval HFLM (transformers " + transformers.__version__ + ")"
-    harness(warm, sets[0][2])
-    for name, items, topic in sets:
-        ll, dt = timed(lambda: harness(items, topic))
+    harness(warm, *sets[0][2:])
+    for name, items, topic, form in sets:
+        ll, dt = timed(lambda: harness(items, topic, form))
         r = report["tasks"][name]
         p_h, p_o = [argmax_first(x) for x in ll], [argmax_first(x) for x in ours_ll[name]]
         same = sum(a == b for a, b in zip(p_h, p_o))

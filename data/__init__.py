@@ -19,7 +19,7 @@ The DATA layout (what `python -m data.fetch --data DATA` writes; `make fetch DAT
     DATA/fetch.json                        fetch.py's run record
 
 The embedded toy benchmark data/toy/ (built by make_toy.py) is a DATA dir too, with its own files:
-forget_corpus.jsonl, retain_corpus.jsonl, toy_hazard.jsonl, toy_general.jsonl (TASKS toy_*), model/.
+forget_corpus.jsonl, retain_corpus.jsonl, toy_hazard.cloze.jsonl, toy_general.cloze.jsonl (TASKS toy_*), model/.
 
 Corpora (read_corpus): documents are kept when len(text) > min_chars, as the reference RMU's
 `len(text) > min_len` (so min_chars=0 drops only empty documents). Formats:
@@ -104,8 +104,8 @@ TASKS = {
     "wmdp_cyber": ("wmdp/wmdp_cyber.jsonl", "cybersecurity"),
     "wmdp_chem": ("wmdp/wmdp_chem.jsonl", "chemistry"),
     "mmlu": ("mmlu/mmlu.jsonl", None),
-    "toy_hazard": ("toy_hazard.jsonl", "biology"),  # = make_toy.py HAZARD_TOPIC (cais/wmdp format: no subject)
-    "toy_general": ("toy_general.jsonl", None),
+    "toy_hazard": ("toy_hazard.cloze.jsonl", None),   # the embedded toy (make_toy.py): cloze form, no description
+    "toy_general": ("toy_general.cloze.jsonl", None),
 }
 
 # tasks that measure retained utility; every other task measures forgetting (tables and plots split on this)
@@ -144,7 +144,7 @@ def how_to_get(path):
     if "/toy/" in p and any(p.endswith(rel) for rel in known):  # a real benchmark's file asked of the toy
         return ("the embedded toy has no such file: give --data DATA (make ... DATA=<dir>) with the real files, "
                 "downloaded with `make fetch DATA=<dir>`")
-    if "/toy/" in p or Path(p).name in ("toy_hazard.jsonl", "toy_general.jsonl",
+    if "/toy/" in p or Path(p).name in ("toy_hazard.cloze.jsonl", "toy_general.cloze.jsonl",
                                          "forget_corpus.jsonl", "retain_corpus.jsonl"):
         return "rebuild the embedded toy benchmark with `make toy` (python make_toy.py)"
     if any(p.endswith(rel) for rel in known) or "/muse/" in p or p.startswith("muse/"):

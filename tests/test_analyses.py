@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import connectivity as C
+from data import TASKS
 import evaluate
 from model import Transformer, load_tokenizer
 
@@ -28,7 +29,7 @@ def test_linear_path_interpolates_only_what_differs(tiny, tmp_path, monkeypatch)
     data = tmp_path / "data"
     data.mkdir()
     for name in ("toy_hazard", "toy_general"):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+        (data / TASKS[name][0]).write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     base = Transformer.from_pretrained(tiny["model"])
     moved = {"a": ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"],
              "b": ["model.layers.2.mlp.down_proj.weight", "model.layers.3.self_attn.o_proj.weight"]}

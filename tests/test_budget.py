@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from data import TASKS
+
 import budget as B
 import coreset_sweep as S
 import methods
@@ -158,7 +160,7 @@ def test_budget_curve_evaluates_inside_both_runs(tiny, tmp_path, monkeypatch):
     data.mkdir()
     row = {"question": "the quick brown", "choices": ["fox", "dog", "river", "stone"], "answer": 0}
     for name in ("toy_hazard", "toy_general"):
-        (data / f"{name}.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": 2}) + "\n")
+        (data / TASKS[name][0]).write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": 2}) + "\n")
     out = tmp_path / "curve"
     rec = budget_curve.main(["--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"],
                              "--data", str(data), "--ratio", "6", "--steps", "5", "--every", "2", "--out", str(out),
@@ -172,7 +174,7 @@ def test_budget_curve_evaluates_inside_both_runs(tiny, tmp_path, monkeypatch):
     assert full["points"][0]["metrics"] == core["points"][0]["metrics"]   # both start from the base model
     after = json.loads((out / "r6" / "run.json").read_text())["eval"]["after"]
     assert core["points"][-1]["metrics"]["toy_hazard"] == after["toy_hazard"]["acc"]
-    assert rec["metrics"] == ["toy_hazard", "toy_general"]
+    assert rec["metrics"] == ["toy_hazard", "toy_hazard/acc_norm", "toy_general", "toy_general/acc_norm"]  # cloze form
     for ext in ("json", "md", "png"):
         assert (out / f"results.{ext}").is_file() and (tmp_path / "docs" / f"bc.{ext}").is_file()
     assert "| 4 |" in (out / "results.md").read_text()

@@ -216,13 +216,15 @@ def test_tasks_table():
     assert all(c in data.MUSE_DIRS for c in data.MUSE_TASKS.values())
 
 
-def test_toy_topic_matches_generator():
-    import make_toy
-    assert data.TASKS["toy_hazard"][1] == make_toy.HAZARD_TOPIC
+def test_toy_tasks_are_cloze_form():
+    """The embedded toy's tasks are scored in the cloze form (no lm-eval description, so no topic)."""
+    for task in ("toy_hazard", "toy_general"):
+        rel, topic = data.TASKS[task]
+        assert data.task_form(rel) == "cloze" and topic is None
 
 
 def test_mc_prompt_is_lm_evals():
-    """The one definition of lm-eval's zero-shot wmdp_* / mmlu_* context (evaluate.py and make_toy.py use it)."""
+    """The one definition of lm-eval's zero-shot wmdp_* / mmlu_* context."""
     p = data.mc_prompt("  What is 2+2? \n", ["3", "4", "5", "6"], "college_biology")
     assert p == ("The following are multiple choice questions (with answers) about college biology.\n\n"
                  "What is 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
@@ -231,8 +233,6 @@ def test_mc_prompt_is_lm_evals():
     assert data.mc_prompt("Q", list("abcd")) == data.mc_description(None) + "Q\nA. a\nB. b\nC. c\nD. d\nAnswer:"
     with pytest.raises(DataError, match="expected 4 choices, got 2"):
         data.mc_prompt("Q", ["a", "b"], None)
-    import make_toy
-    assert make_toy.mc_prompt is data.mc_prompt
 
 
 def test_resolve_task(tmp_path):

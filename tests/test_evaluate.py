@@ -338,8 +338,8 @@ def test_generation_batched_equals_single(word_model):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
-    write_jsonl(d / "toy_hazard.jsonl", make_questions(10, 5, None, long_idx=3))
-    write_jsonl(d / "toy_general.jsonl", make_questions(16, 6, MMLU_SUBJECTS))
+    write_jsonl(d / "toy_hazard.cloze.jsonl", make_questions(10, 5, None, long_idx=3))
+    write_jsonl(d / "toy_general.cloze.jsonl", make_questions(16, 6, MMLU_SUBJECTS))
     write_jsonl(d / "extra_set.jsonl", make_questions(5, 7, ["x_y"]))
     muse = d / "muse" / "news"
     rng = random.Random(8)
@@ -364,14 +364,15 @@ def test_evaluate_tasks_structure_and_limits(word_model, data_dir):
     s = out["samples"]["toy_general"]
     assert len(s) == 16 and len(s[0]["loglikelihoods"]) == 4 and s[0]["subject"] in MMLU_SUBJECTS
     assert r["toy_general"]["acc"] == pytest.approx(sum(x["acc"] for x in s) / 16)
-    assert r["toy_general"]["fast_path"] == 16
+    assert r["toy_general"]["form"] == "cloze" and "acc_norm" in r["toy_general"]
+    assert r["extra_set"]["form"] == "letter" and r["extra_set"]["fast_path"] == 5
     for t in ("toy_hazard", "toy_general"):  # questions/s of the task's own scoring time, inside the whole run's
         assert out["throughput"][t] == r[t]["questions_per_s"] == pytest.approx(r[t]["n"] / r[t]["time_s"])
         assert 0 < r[t]["time_s"] <= out["time_s"]
-    # the harness's way on a whole task
-    items = E.load_mc_task("toy_general", data_dir)[1]
+    # the harness's way on a whole letter-form task (the cloze form's own harness check is further down)
+    items = E.load_mc_task(str(data_dir / "extra_set.jsonl"), data_dir)[1]
     ref = harness_reference(model, tok, items)
-    assert [x["pred"] for x in s] == [E.argmax_first(x) for x in ref]
+    assert [x["pred"] for x in out["samples"]["extra_set"]] == [E.argmax_first(x) for x in ref]
     # --limit: first N overall, or per subject when questions carry subjects (MMLU)
     lim = E.evaluate_tasks(model, tok, data_dir, ["toy_hazard", "toy_general"], limit=2, progress=False)
     assert lim["results"]["toy_hazard"]["n"] == 2 and lim["results"]["toy_general"]["n"] == 8
@@ -627,6 +628,7 @@ def test_cloze_form_matches_the_harness_rules(word_model, tmp_path):
     assert res["acc"] == pytest.approx(np.mean(ref_acc)) and res["acc_norm"] == pytest.approx(np.mean(ref_norm))
     assert res["acc_norm_stderr"] == pytest.approx(np.std(ref_norm, ddof=1) / np.sqrt(14))
     assert E.task_metrics(E.summarize(out)) == {"quiz.cloze": res["acc"], "quiz.cloze/acc_norm": res["acc_norm"]}
+    assert E.metric_value_pct("quiz.cloze/acc_norm", 0.5) == 50.0 == E.metric_value_pct("quiz.cloze", 0.5)
     # a cloze file needs non-empty choice texts; a letter file keeps exactly four
     write_jsonl(tmp_path / "bad.cloze.jsonl", [dict(question="q", choices=["a", ""], answer=0)])
     with pytest.raises(data.DataError, match="2 or more non-empty strings"):

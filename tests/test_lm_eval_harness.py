@@ -272,7 +272,7 @@ def smollm2():
 
 
 def toy_questions(n):
-    lines = (ROOT / "data" / "toy" / "toy_hazard.jsonl").read_text().splitlines()[:n]
+    lines = (ROOT / "data" / "toy" / data.TASKS["toy_hazard"][0]).read_text().splitlines()[:n]
     return [json.loads(line) for line in lines]
 
 
@@ -292,7 +292,6 @@ def test_task_yaml_mirrors_installed_wmdp():
         installed = yaml.safe_load((wmdp / file).read_text())
         assert installed["include"] == "_default_template_yaml"
         assert installed["description"] == description == data.mc_description(topic)
-    assert data.TASKS["toy_hazard"][1] == "biology"
 
 
 def test_toy_model_matches_lm_eval(tmp_path, toy):
@@ -351,14 +350,19 @@ def test_forced_bos_matches_lm_eval(tmp_path, request, which, bos):
     assert diff <= TOL, f"{which}: bos={bos}: log-likelihoods differ from lm_eval's by up to {diff:.3g}"
 
 
-def test_cloze_form_matches_lm_eval(tmp_path, smollm2):
-    """The harness's other multiple-choice form (ARC, SciQ, PIQA, MMLU-cloze) on SmolLM2: doc_to_text the
-    question, doc_to_choice the choice texts, target_delimiter " "; per question the same log-likelihoods (1e-4,
-    fp32), and the same acc and acc_norm (argmax of ll / len(choice)), per question and in aggregate."""
+@pytest.mark.parametrize("which", ["toy", "smollm2"])
+def test_cloze_form_matches_lm_eval(tmp_path, request, which):
+    """The harness's other multiple-choice form (ARC, SciQ, PIQA, MMLU-cloze), the embedded toy's main metric: on
+    the toy's own hazard questions and on SmolLM2 with real-world ones. doc_to_text the question, doc_to_choice the
+    choice texts, target_delimiter " "; per question the same log-likelihoods (1e-4, fp32), and the same acc and
+    acc_norm (argmax of ll / len(choice)), per question and in aggregate."""
     require_lm_eval()
-    model_dir, model, tok = smollm2
-    items = [dict(question=it["question"], choices=it["choices"], answer=it["answer"])
-             for topic in ("biology", "cybersecurity") for it in SMOL_QUESTIONS[topic]]
+    model_dir, model, tok = request.getfixturevalue(which)
+    if which == "toy":
+        items = toy_questions(N_TOY)
+    else:
+        items = [dict(question=it["question"], choices=it["choices"], answer=it["answer"])
+                 for topic in ("biology", "cybersecurity") for it in SMOL_QUESTIONS[topic]]
     jsonl = write_questions(tmp_path / "quiz.cloze.jsonl", items)
     task = "harness_check_cloze"
     cfg = {"task": task, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(jsonl)}},
@@ -382,4 +386,4 @@ def test_cloze_form_matches_lm_eval(tmp_path, smollm2):
     assert res["acc"] == pytest.approx(harness["acc,none"], abs=1e-12)
     assert res["acc_norm"] == pytest.approx(harness["acc_norm,none"], abs=1e-12)
     assert res["acc_norm_stderr"] == pytest.approx(harness["acc_norm_stderr,none"], abs=1e-12)
-    print(f"\n{' '.join(cmd)}\ncloze: acc {res['acc']:.4f}, acc_norm {res['acc_norm']:.4f}")
+    print(f"\n{' '.join(cmd)}\n{which} cloze: acc {res['acc']:.4f}, acc_norm {res['acc_norm']:.4f}")

@@ -76,7 +76,7 @@ def test_grand_reads_the_same_defaults_as_training():
     ({"forget_max_len": "0"}, "--forget-max-len 0"),
     ({"eval_limit": 0}, "--eval-limit 0"),
     ({"eval_limit": -3}, "--eval-limit -3"),
-    ({"layer_id": 99}, "--layer-id 99: expected a layer of the model (0..7)"),
+    ({"layer_id": 99}, "--layer-id 99: expected a layer of the model (0..9)"),
     ({"layer_ids": ""}, "--layer-ids: expected at least one value"),
     ({"params": ""}, "--params: expected at least one value"),
     ({"layer_ids": "1,x"}, "--layer-ids '1,x': expected comma-separated integers"),

@@ -65,7 +65,7 @@ def previous_run(tmp_path_factory):
                                   "unlearn_out_is_model"])
 def test_an_output_may_not_be_an_input(case, tmp_path, toy_inputs):
     questions = tmp_path / "q.jsonl"
-    shutil.copy(TOY_DIR / "toy_hazard.jsonl", questions)
+    shutil.copy(TOY_DIR / "toy_hazard.cloze.jsonl", questions)
     before = snapshot(questions)
     if case == "coreset_out_is_forget":
         msg = one_line_error(coreset.main, ["--ratio", "0.05", "--out", str(FORGET)])
@@ -82,7 +82,7 @@ def test_an_output_may_not_be_an_input(case, tmp_path, toy_inputs):
 def test_a_question_file_outside_data_is_an_input_and_a_task(tmp_path):
     """An evaluation task given as a path outside --data: evaluated (reported under its stem) and protected."""
     questions = tmp_path / "myq.jsonl"
-    shutil.copy(TOY_DIR / "toy_hazard.jsonl", questions)
+    shutil.copy(TOY_DIR / "toy_hazard.cloze.jsonl", questions)
     rec = unlearn.main(QUICK[:4] + ["--eval-tasks", str(questions), "--eval-limit", "2", "--no-progress",
                                     "--out", str(tmp_path / "run")])
     assert rec["eval"]["after"]["myq"]["n"] == 2
