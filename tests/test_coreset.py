@@ -590,8 +590,10 @@ def test_keyword_pipeline_through_make_on_the_toy(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| rmu" in r.stdout and "keywords" in r.stdout
     rec = json.loads((tmp_path / "wmdp-rmu-keywords-r0.05-s42" / "run.json").read_text())
-    assert rec["coreset"]["texts_from_coreset"] and rec["coreset"]["n_selected"] == [22]
+    n = len((ROOT / "data/toy/forget_corpus.jsonl").read_text().splitlines())   # 400 documents in toy v2
+    k = round(0.05 * n)
+    assert rec["coreset"]["texts_from_coreset"] and rec["coreset"]["n_selected"] == [k]
     b = rec["budget"]["forget"][0]
-    assert (b["docs_available"], b["docs_selected"], b["docs_seen"]) == (450, 22, 22)
+    assert (b["docs_available"], b["docs_selected"], b["docs_seen"]) == (n, k, k)
     sel = json.loads((tmp_path / "wmdp-rmu-keywords-r0.05-s42.coreset.json").read_text())
     assert sel["method"] == "keywords" and sel["argv"][sel["argv"].index("--retain") + 1].endswith("retain_corpus.jsonl")

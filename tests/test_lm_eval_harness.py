@@ -295,10 +295,11 @@ def test_task_yaml_mirrors_installed_wmdp():
 
 
 def test_toy_model_matches_lm_eval(tmp_path, toy):
-    """data/toy/model (tokenizer config: add BOS) on the first toy_hazard questions."""
+    """data/toy/model (tokenizer config: add BOS) on the first toy_hazard questions, asked in the letter form with
+    wmdp_bio's prompt (the toy's own tasks use the cloze form, checked in test_cloze_form_matches_lm_eval)."""
     require_lm_eval()
     model_dir, model, tok = toy
-    jsonl = write_questions(tmp_path / "toy_hazard.jsonl", toy_questions(N_TOY))
+    jsonl = write_questions(tmp_path / "wmdp_bio.jsonl", toy_questions(N_TOY))   # a TASKS name: topic biology
     task = "harness_check_toy_hazard"
     cmd, samples, results = run_lm_eval(tmp_path, model_dir, {task: (jsonl, "biology")}, batch_size=8)
     diff, acc, bos, other_diff = compare(model, tok, jsonl, samples[task], results[task])
