@@ -95,7 +95,7 @@ def run_curve(args, name, ratio, steps, every):
 
 
 def markdown(curves, metrics, util, title):
-    head = ["step"] + [f"{c['name']}: {m} ({'utility' if m.split('/')[0] in util else 'forget'})" for c in curves for m in metrics]
+    head = ["step"] + [f"{c['name']}: {m} ({'utility' if data.is_utility(m, util) else 'forget'})" for c in curves for m in metrics]
     rows = {}
     for j, c in enumerate(curves):
         for p in c["points"]:
@@ -121,7 +121,7 @@ def plot(curves, metrics, util, path, title):
             xs = [p["step"] for p in c["points"]]
             ys = [100 * p["metrics"][m] if m in p["metrics"] else None for p in c["points"]]
             ax.plot(xs, ys, color=colors[k % len(colors)], ls="-" if j == 0 else "--", marker="os"[j % 2], ms=3,
-                    label=f"{m} ({'utility' if m.split('/')[0] in util else 'forget'}), {c['name']}")
+                    label=f"{m} ({'utility' if data.is_utility(m, util) else 'forget'}), {c['name']}")
     ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("accuracy (%)")
@@ -145,8 +145,7 @@ def main_work(args):
               run_curve(args, f"{args.ratio} coreset", args.ratio, steps, every)]
     util = set(split_list(args.utility_tasks, "--utility-tasks"))
     metrics = list(dict.fromkeys(m for c in curves for p in c["points"] for m in p["metrics"]))
-    is_util = lambda m: m.split("/")[0] in util   # a task's metric ("toy_general/acc_norm") is its task's kind
-    metrics = [m for m in metrics if not is_util(m)] + [m for m in metrics if is_util(m)]
+    metrics = [m for m in metrics if not data.is_utility(m, util)] + [m for m in metrics if data.is_utility(m, util)]
     title = f"{args.method.upper()}: full forget set vs {args.ratio} coreset, {steps} steps, seed {args.seed}"
     out = Path(args.out)
     record.update(steps=steps, every=every, curves=curves, metrics=metrics, time_s=round(time.time() - t0, 3))

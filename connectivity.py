@@ -139,7 +139,7 @@ def markdown(paths, util, title):
     for p in paths:
         ms = list(p["barriers"])
         lines += [f"**{p['path']}** ({len(p['tensors'])} tensors interpolated)", "",
-                  "| t | " + " | ".join(f"{m} ({'utility' if m.split('/')[0] in util else 'forget'})" for m in ms) + " |",
+                  "| t | " + " | ".join(f"{m} ({'utility' if data.is_utility(m, util) else 'forget'})" for m in ms) + " |",
                   "|" + "---|" * (len(ms) + 1)]
         lines += [f"| {q['t']:.2f} | " + " | ".join(f"{100 * q['metrics'][m]:.1f}" for m in ms) + " |" for q in p["points"]]
         lines += ["| barrier (t) | " + " | ".join(f"{100 * b['barrier']:+.1f} ({b['barrier_t']:.1f})"

@@ -36,7 +36,7 @@ import evaluate
 import methods
 import unlearn
 from coreset import CoresetError, coreset_size
-from data import UTILITY_TASKS
+from data import UTILITY_TASKS, is_utility
 from model import load_tokenizer
 from infra import TOY_DIR, TOY_MODEL, atomic_write_json, cli_main, pyplot, run_info, save_figure, split_list, write_results
 
@@ -203,7 +203,7 @@ def aggregate(cells, utility_tasks):
     for c in cells:
         for k, v in c["before"].items():
             base.setdefault(k, v)
-    util = [m for m in metrics if m.split("/")[0] in utility_tasks]
+    util = [m for m in metrics if is_utility(m, utility_tasks)]
     groups = {}
     for c in cells:
         groups.setdefault((c["select"], c["ratio"]), []).append(c)

@@ -395,6 +395,8 @@ def build(args):
     """The CLI's work: the benchmark files, then (unless --data-only) the tokenizer, the model and its control."""
     if args.scale <= 0:
         raise ProjectError(f"--scale {args.scale}: expected a number > 0")
+    if args.fact_weight <= 0:
+        raise ProjectError(f"--fact-weight {args.fact_weight}: expected a number > 0 (1 weighs fact tokens like the rest)")
     t_start = time.time()
     world, forget, retain, hq, gq = write_data(args.out, args.seed, args.scale)
     print(f"make_toy: wrote {len(forget)} forget docs, {len(retain)} retain docs, {len(hq)} hazard and "

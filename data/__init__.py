@@ -110,6 +110,13 @@ TASKS = {
 
 # tasks that measure retained utility; every other task measures forgetting (tables and plots split on this)
 UTILITY_TASKS = ("mmlu", "toy_general", "wikitext")
+
+
+def is_utility(metric, utility_tasks=UTILITY_TASKS) -> bool:
+    """A metric name, "task" or "task/metric" (e.g. toy_general/acc_norm, muse_news/knowmem_r), measures retained
+    utility when its task does."""
+    return metric.split("/")[0] in utility_tasks
+
 MUSE_DIRS = {"news": "muse/news", "books": "muse/books"}
 MUSE_TASKS = {"muse_news": "news", "muse_books": "books"}   # evaluation task name -> MUSE corpus
 # MUSE file stem -> fields of each record. One string field "text" -> the reader returns list[str].

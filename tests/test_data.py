@@ -216,6 +216,12 @@ def test_tasks_table():
     assert all(c in data.MUSE_DIRS for c in data.MUSE_TASKS.values())
 
 
+def test_is_utility_follows_the_task():
+    assert data.is_utility("toy_general") and data.is_utility("toy_general/acc_norm")
+    assert not data.is_utility("toy_hazard/acc_norm") and not data.is_utility("wmdp_bio")
+    assert data.is_utility("muse_news/knowmem_r", {"muse_news"}) and not data.is_utility("mmlu", {"muse_news"})
+
+
 def test_toy_tasks_are_cloze_form():
     """The embedded toy's tasks are scored in the cloze form (no lm-eval description, so no topic)."""
     for task in ("toy_hazard", "toy_general"):

@@ -187,6 +187,16 @@ def test_encoder_weights_the_fact_tokens():
     assert set(wts) == {1.0, 7.0}
 
 
+@pytest.mark.parametrize("argv,flag", [(["--fact-weight", "0"], "--fact-weight 0.0"), (["--scale", "-1"], "--scale -1.0")])
+def test_bad_build_flags_are_one_line_errors(tmp_path, argv, flag):
+    out = tmp_path / "toy"
+    with pytest.raises(SystemExit) as e:
+        make_toy.main(argv + ["--out", str(out)])
+    msg = str(e.value.code)
+    assert msg.startswith("error: " + flag) and "expected a number > 0" in msg and "\n" not in msg
+    assert not out.exists()   # refused before anything is written
+
+
 def test_tokenizer_config():
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(TOY, "model", "tokenizer.json"))
