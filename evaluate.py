@@ -205,8 +205,9 @@ def aggregate_mc(accs, subjects=None):
 # ----------------------------------------------------------------------------------------------- tasks
 
 def load_mc_task(task, data_dir, limit=None):
-    """-> (task name, items, topic). Names of data.TASKS or paths to MC files; limit = first N documents
-    (per subject when questions carry subjects, as each MMLU subject is its own lm-eval task)."""
+    """-> (task name, items, topic, form). Names of data.TASKS or paths to MC files; limit = first N documents
+    (per subject when questions carry subjects, as each MMLU subject is its own lm-eval task); form = "letter" |
+    "cloze" (data.task_form of the file)."""
     try:
         name, path, topic = resolve_task(task, data_dir)
         items = read_mc(path)
@@ -222,7 +223,7 @@ def load_mc_task(task, data_dir, limit=None):
             items = kept
         else:
             items = items[:limit]
-    return name, items, topic
+    return name, items, topic, task_form(path)
 
 
 def task_files(tasks, data_dir) -> list:
@@ -288,7 +289,7 @@ def evaluate_tasks(model, tokenizer, data_dir, tasks, batch_size=32, limit=None,
                 raise EvalError(f"missing MUSE directory {muse_dir}: get it with `make fetch DATA={data_dir}`")
             loaded.append((t, None, muse_dir))
         else:
-            loaded.append(load_mc_task(t, data_dir, limit) + (task_form(resolve_task(t, data_dir)[1]),))
+            loaded.append(load_mc_task(t, data_dir, limit))
     was_training = model.training
     model.eval()
     try:

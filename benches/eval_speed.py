@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from data import MUSE_TASKS, resolve_task, task_form
+from data import MUSE_TASKS
 from evaluate import DEFAULTS, EvalError, argmax_first, load_mc_task, mc_loglikelihoods, mc_pairs, mc_requests
 from loglik import scoring_bar
 from infra import ProjectError, atomic_write_json, cli_main, resolve_dtype, run_info
@@ -88,7 +88,7 @@ def bench(args, device=None):
     tasks = [t for t in args.tasks.split(",") if t and t not in MUSE_TASKS]
     if not tasks:
         raise EvalError("--tasks: bench-eval needs at least one multiple-choice task")
-    sets = [load_mc_task(t, args.data, args.limit) + (task_form(resolve_task(t, args.data)[1]),) for t in tasks]
+    sets = [load_mc_task(t, args.data, args.limit) for t in tasks]   # (name, items, topic, form)
     ours, tok = load(args.model, device, dtype)
     report = {"model": str(args.model), "dtype": str(dtype).replace("torch.", ""), "batch_size": args.batch_size,
               "ours_batch_tokens": args.batch_tokens,

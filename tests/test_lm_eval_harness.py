@@ -221,8 +221,8 @@ def max_diff(xs, ys):
 def compare(model, tok, jsonl, samples, harness_res):
     """evaluate.py on the question file lm_eval read vs lm_eval's samples and results for it.
     -> (max |ll difference|, harness acc, bos used by default, max |ll difference| with the opposite BOS)."""
-    name, items, topic = E.load_mc_task(str(jsonl), None)
-    assert topic == data.TASKS[name][1] and topic in DESCRIPTIONS
+    name, items, topic, form = E.load_mc_task(str(jsonl), None)
+    assert topic == data.TASKS[name][1] and topic in DESCRIPTIONS and form == "letter"
     assert [s["doc_id"] for s in samples] == list(range(len(items))), "lm_eval did not score every question once"
 
     # the harness's requests: the prompt evaluate.py builds, " A".." D"; its documents and targets are ours
