@@ -37,7 +37,7 @@ MODEL_DIR := $(if $(MODEL),$(MODEL),data/toy/model)
 # rule (RMU: the reference's, min(150, batches of the full forget set); NPO family: 500 steps)
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)$(if $(EPOCHS), --epochs $(EPOCHS),)
 
-.PHONY: setup test test-slow test-fast lock toy fetch bench bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve connectivity
+.PHONY: setup test test-slow test-fast lock toy fetch bench bench-all bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve connectivity
 
 setup: $(SETUP)
 
@@ -84,13 +84,23 @@ fetch: $(SETUP)
 	$(PY) -m data.fetch --data $(if $(DATA),$(DATA),data/real) $(if $(MODEL),--model $(MODEL),)
 
 # ---------------------------------------------------------------------------------------------- benchmarks (GPU)
+# BENCH_FLAGS: benches/kernels.py's flags, e.g. "--impls ours,eager --vocab 32000"
+BENCH_FLAGS ?=
 bench: $(SETUP)
-	$(PY) -m benches.kernels
+	$(PY) -m benches.kernels $(BENCH_FLAGS)
 
-# questions/s, ours vs the harness's Hugging Face path, same weights and questions (GPU; LIMIT per task/subject)
+# questions/s, ours vs the harness's Hugging Face path, same weights and questions (GPU; LIMIT per task/subject).
+# SHAPE=zephyr-7b times random weights of that shape instead of MODEL's (MODEL then gives only the tokenizer)
 LIMIT ?= 50
+SHAPE ?=
 bench-eval: $(SETUP)
-	$(PY) -m benches.eval_speed --model $(MODEL_DIR) --data $(DATA_DIR) --tasks $(WMDP_TASKS) --limit $(LIMIT)
+	$(PY) -m benches.eval_speed --model $(MODEL_DIR) --data $(DATA_DIR) --tasks $(WMDP_TASKS) --limit $(LIMIT) \
+	  $(if $(SHAPE),--random-shape $(SHAPE),) --out $(OUT)/bench/bench_eval.json
+
+# every GPU benchmark in one go, with logs and JSON records in $(OUT)/bench (what a lent GPU machine runs):
+#   make bench-all PY=python3
+bench-all: $(SETUP)
+	PY=$(PY) bash benches/run_all.sh $(OUT)
 
 # --- unlearning (unlearn.py; owner: issue 4) -----------------------------------------------------
 # make wmdp-rmu RATIO=0.05 [MODEL=DIR DATA=DIR SELECT=random SEED=42 STEPS=N|EPOCHS=E UNLEARN_FLAGS="--lr 1e-5 ..."]

@@ -2,6 +2,7 @@
 on the same weights and questions, with the predictions compared (GPU; REFERENCE section 8's anchors).
 
     python -m benches.eval_speed --model DIR --data DATA --tasks wmdp_bio,mmlu --limit 50
+    python -m benches.eval_speed --random-shape zephyr-7b     # random 7B weights, the toy's tokenizer and questions
 
 The harness is lm_eval's own HFLM when lm_eval is importable, else an emulation of its loglikelihood path, written
 out here (harness_hf_loglikelihoods). Prints a line per task and writes bench_eval.json beside --out; the last
@@ -9,6 +10,7 @@ line printed is one JSON object.
 """
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from evaluate import DEFAULTS, EvalError, argmax_first, load_mc_task, mc_loglike
 from loglik import scoring_bar
 from infra import ProjectError, atomic_write_json, cli_main, resolve_dtype, run_info
 from model import load
+from benches.random_model import SHAPES, write_random_checkpoint
 
 
 def harness_hf_loglikelihoods(hf_model, tok, items, topic=None, batch_size=32, bos=None, progress=False, form="letter"):
@@ -83,13 +86,32 @@ def bench(args, device=None):
         import transformers
     except ImportError:
         raise ProjectError("bench-eval needs transformers (the harness's model class): pip install transformers") from None
-    cuda = torch.device(device).type == "cuda"
     dtype = resolve_dtype(args.dtype, device)
     tasks = [t for t in args.tasks.split(",") if t and t not in MUSE_TASKS]
     if not tasks:
         raise EvalError("--tasks: bench-eval needs at least one multiple-choice task")
     sets = [load_mc_task(t, args.data, args.limit) for t in tasks]   # (name, items, topic, form)
-    ours, tok = load(args.model, device, dtype)
+    if getattr(args, "random_shape", None):
+        # random weights of a real shape, in a checkpoint directory (under $TMPDIR) that both loaders read, removed
+        # afterwards
+        with tempfile.TemporaryDirectory(prefix="bench-eval-random-") as tmp:
+            print(f"writing a random {args.random_shape} checkpoint (tokenizer of {args.model}) ...", flush=True)
+            path = write_random_checkpoint(args.random_shape, Path(tmp) / "model", args.model, device, dtype)
+            report = _bench(args, sets, path, device, dtype)
+        report["model"] = f"{args.random_shape}-shaped, random weights (tokenizer of {args.model})"
+    else:
+        report = _bench(args, sets, args.model, device, dtype)
+    out = Path(args.out).with_name("bench_eval.json")
+    atomic_write_json(out, dict(report, run=run_info(args)))
+    print(f"wrote {out}")
+    return report
+
+
+def _bench(args, sets, model_dir, device, dtype):
+    """Times ours, then the harness's path, on the checkpoint at model_dir. -> the report (without the run record)"""
+    import transformers
+    cuda = torch.device(device).type == "cuda"
+    ours, tok = load(model_dir, device, dtype)
     report = {"model": str(args.model), "dtype": str(dtype).replace("torch.", ""), "batch_size": args.batch_size,
               "ours_batch_tokens": args.batch_tokens,
               "device": torch.cuda.get_device_name() if cuda else "cpu", "tasks": {}}
@@ -117,13 +139,13 @@ def bench(args, device=None):
     if cuda:
         torch.cuda.empty_cache()
     try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype)
     hf = hf.to(device).eval()
     try:
         import lm_eval  # noqa: F401
-        hf_tok = transformers.AutoTokenizer.from_pretrained(args.model)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(model_dir)
         harness = lambda items, topic, form: harness_lm_eval_loglikelihoods(hf, hf_tok, items, topic, args.batch_size,
                                                                             form)
         report["harness"] = "lm_eval " + getattr(lm_eval, "__version__", "?") + " HFLM"
@@ -143,10 +165,10 @@ def bench(args, device=None):
                  max_abs_ll_diff=max(abs(x - y) for a, b in zip(ll, ours_ll[name]) for x, y in zip(a, b)))
         print(f"{name}: n={len(items)}  ours {r['ours_qps']:.1f} q/s  harness {r['harness_qps']:.1f} q/s  "
               f"speedup {r['speedup']:.2f}x  identical predictions {same}/{len(items)}  "
-              f"acc {r['acc_ours']:.4f} vs {r['acc_harness']:.4f}")
-    out = Path(args.out).with_name("bench_eval.json")
-    atomic_write_json(out, dict(report, run=run_info(args)))
-    print(f"wrote {out}")
+              f"acc {r['acc_ours']:.4f} vs {r['acc_harness']:.4f}", flush=True)
+    del hf
+    if cuda:
+        torch.cuda.empty_cache()
     return report
 
 
@@ -161,6 +183,9 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--bos", choices=["config", "yes", "no"], default="config")
     p.add_argument("--ll-dtype", choices=["model", "float32"], default=DEFAULTS["ll_dtype"])
+    p.add_argument("--random-shape", choices=sorted(SHAPES), default=None,
+                   help="time random weights of this shape (written to a temporary checkpoint beside --out; --model "
+                        "gives only the tokenizer): a 7B timing where no 7B checkpoint is at hand")
     p.add_argument("--out", default="runs/bench/bench_eval.json")
     args = p.parse_args(argv)
     args.bos = {"config": None, "yes": True, "no": False}[args.bos]

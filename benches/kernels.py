@@ -193,6 +193,7 @@ def run_vocab(V, args, impls, dtype):
     ours_lp = None
     for task in args.tasks:
         rows.append(dict(V=V, task=task, impl="floor", ms=floors[task], ratio=1.0, extra_mib=None))
+        print_row(rows[-1])
         for name, im in impls.items():
             if task == "fwd":
                 def fn(im=im):
@@ -234,6 +235,7 @@ def run_vocab(V, args, impls, dtype):
                 print(f"# {name} {task} V={V}: failed: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
                 rows.append(dict(V=V, task=task, impl=name, ms=None, ratio=None, extra_mib=None,
                                  error=f"{type(e).__name__}: {str(e)[:200]}"))
+                print_row(rows[-1])
                 empty_cache(dev)
                 continue
             row = dict(V=V, task=task, impl=name, ms=ms, ratio=ms / floors[task], extra_mib=mib)
@@ -244,6 +246,7 @@ def run_vocab(V, args, impls, dtype):
                 if V in TARGET_MIB:
                     row["meets_memory_target"] = mib <= TARGET_MIB[V]
             rows.append(row)
+            print_row(row)
             gc.collect()
             empty_cache(dev)
     del H, W, Hg, Wg
@@ -257,20 +260,22 @@ def empty_cache(dev):
         torch.cuda.empty_cache()
 
 
-def print_table(rows):
-    print(f"{'V':>7} {'task':<7} {'impl':<8} {'ms':>9} {'x floor':>8} {'extra MiB':>10}  note")
-    for r in rows:
-        ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        mib = "-" if r["extra_mib"] is None else f"{r['extra_mib']:.0f}"
-        note = r.get("error", "")
-        if "meets_time_target" in r:
-            note = (f"target <= {TARGET_RATIO[r['task']]:.2f}x: {'met' if r['meets_time_target'] else 'MISSED'}"
-                    + (f"; <= {TARGET_MIB[r['V']]} MiB: {'met' if r['meets_memory_target'] else 'MISSED'}"
-                       if "meets_memory_target" in r else ""))
-        if "max_abs_diff_vs_ours" in r:
-            note += f"max|logp - ours| {r['max_abs_diff_vs_ours']:.2e}"
-        print(f"{r['V']:>7} {r['task']:<7} {r['impl']:<8} {ms:>9} {ratio:>8} {mib:>10}  {note}")
+HEADER = f"{'V':>7} {'task':<7} {'impl':<8} {'ms':>9} {'x floor':>8} {'extra MiB':>10}  note"
+
+
+def print_row(r):
+    """One table row, printed (and flushed) as soon as it is measured: a run cut short keeps what it measured."""
+    ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
+    ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
+    mib = "-" if r["extra_mib"] is None else f"{r['extra_mib']:.0f}"
+    note = r.get("error", "")
+    if "meets_time_target" in r:
+        note = (f"target <= {TARGET_RATIO[r['task']]:.2f}x: {'met' if r['meets_time_target'] else 'MISSED'}"
+                + (f"; <= {TARGET_MIB[r['V']]} MiB: {'met' if r['meets_memory_target'] else 'MISSED'}"
+                   if "meets_memory_target" in r else ""))
+    if "max_abs_diff_vs_ours" in r:
+        note += f"max|logp - ours| {r['max_abs_diff_vs_ours']:.2e}"
+    print(f"{r['V']:>7} {r['task']:<7} {r['impl']:<8} {ms:>9} {ratio:>8} {mib:>10}  {note}", flush=True)
 
 
 def main(argv=None):
@@ -285,9 +290,9 @@ def main(argv=None):
     t0 = time.time()
     impls = make_impls(args.impls)
     rows = []
+    print(HEADER, flush=True)
     for V in args.vocab:
         rows += run_vocab(V, args, impls, dtype)
-    print_table(rows)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rec = dict(bench="benches/kernels.py", date=now, seed=args.seed,
                device="cpu smoke run (not a measurement)" if args.cpu_smoke else torch.cuda.get_device_name(),

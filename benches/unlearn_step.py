@@ -14,29 +14,10 @@ import torch
 
 from infra import ProjectError, cli_main
 from losses import control_vector, rmu_loss
-from model import ModelConfig, Transformer
+from model import ModelConfig
 from methods import HFAdamW
 from objectives import RMU, ActCache
-
-
-ZEPHYR_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
-                 rope_theta=10000.0, max_position_embeddings=32768, architecture="MistralForCausalLM")
-
-
-def random_model(cfg, device, dtype, seed=0):
-    """A Transformer with random weights built straight on `device` in `dtype` (no fp32 copy)."""
-    with torch.device("meta"):
-        m = Transformer(cfg)
-    m = m.to(dtype).to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=g)
-    return m.eval()
+from benches.random_model import SHAPES, random_model
 
 
 def bench_rmu(cfg, device, dtype, steps=10, warmup=2, batch=4, seq=512, layer_id=7, layer_ids=(5, 6, 7),
@@ -143,7 +124,7 @@ def bench():
     if not torch.cuda.is_available():
         raise ProjectError("bench-unlearn: needs a CUDA GPU (none found); it times a 7B-shaped RMU step, "
                          "reference design vs ours (REFERENCE 8: 193 ms, 36.3 GiB for the reference)")
-    cfg = ModelConfig(**ZEPHYR_7B)
+    cfg = ModelConfig(**SHAPES["zephyr-7b"])
     dev = torch.cuda.get_device_name()
     print(f"RMU step, 7B-shaped Mistral/Zephyr (random weights, bf16), batch 4 x 512 forget + retain, {dev}")
     print("| schedule | design | ms/step | peak GiB | first loss |\n|---|---|---|---|---|")

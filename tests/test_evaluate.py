@@ -9,6 +9,7 @@ The prompt itself (data.mc_prompt) is tested in test_data.py, Min-K% in test_los
 import argparse
 import json
 import math
+import tempfile
 import random
 from pathlib import Path
 
@@ -636,3 +637,26 @@ def test_cloze_form_matches_the_harness_rules(word_model, tmp_path):
     write_jsonl(tmp_path / "three.jsonl", [dict(question="q", choices=["a", "b", "c"], answer=0)])
     with pytest.raises(data.DataError, match="exactly 4 strings"):
         data.read_mc(tmp_path / "three.jsonl")
+
+
+@pytest.mark.harness
+def test_bench_on_random_weights_of_a_shape(monkeypatch, word_model, data_dir, tmp_path):
+    """bench-eval --random-shape (how the GPU machines time a 7B evaluator with no checkpoint at hand): random
+    weights of the shape written to a temporary checkpoint that both loaders read, with the tokenizer of --model;
+    both paths agree on them, and the checkpoint is removed afterwards."""
+    pytest.importorskip("transformers")
+    from benches import random_model
+    monkeypatch.setitem(random_model.SHAPES, "tiny", dict(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, architecture="MistralForCausalLM"))
+    path = bos_in_post_processor(word_model[0], tmp_path / "tok")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    rep = eval_speed.bench(bench_args(path, data_dir, tmp_path / "out", random_shape="tiny"), device="cpu")
+    assert rep["model"].startswith("tiny-shaped, random weights")
+    for r in rep["tasks"].values():
+        assert r["identical_predictions"] == r["n"] and r["max_abs_ll_diff"] < 1e-4
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["bench_eval.json"]
+    assert not any((tmp_path / "tmp").iterdir())   # the checkpoint is removed
+    with pytest.raises(ValueError, match="--random-shape 'nope': expected one of"):
+        random_model.write_random_checkpoint("nope", tmp_path / "x", path)
