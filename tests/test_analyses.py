@@ -50,7 +50,7 @@ def test_linear_path_interpolates_only_what_differs(tiny, tmp_path, monkeypatch)
         return real(model, *args, **kw)
     monkeypatch.setattr(evaluate, "evaluate_tasks", spy)
     rec = C.main(["--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"), "--base", tiny["model"], "--data",
-                  str(data), "--points", "3", "--out", str(tmp_path / "out"), "--no-progress"])
+                  str(data), "--points", "3", "--out", str(tmp_path / "out"), "--no-progress", "--device", "cpu"])
     monkeypatch.setattr(evaluate, "evaluate_tasks", real)
     pa, pb = dict(ends["a"].named_parameters()), dict(ends["b"].named_parameters())
     for t, w in zip((0.0, 0.5, 1.0), seen[:3]):   # the A <-> B path: every tensor at (1 - t) A + t B

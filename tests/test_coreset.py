@@ -341,7 +341,7 @@ def test_grand_control_vectors_are_the_trainings(tiny, tmp_path, monkeypatch):
         return real_grand(model, tok, docs, loss, layer_id, layer_ids, control, *a, **k)
     monkeypatch.setattr(C, "grand_scores", grand_spy)
     rec = C.select(C.SelectConfig(method="grand", model=tiny["model"], forget=f"{tiny['f1']},{tiny['f2']}", ratio=0.5,
-                                  seed=1, layer_id=2, layer_ids="1,2", steering_coeffs="4,9", progress=False,
+                                  seed=1, layer_id=2, layer_ids="1,2", steering_coeffs="4,9", progress=False, device="cpu",
                                   out=str(tmp_path / "cs.jsonl")))
     assert rec["grand"] == {"layer_id": 2, "layer_ids": [1, 2], "steering_coeffs": [4.0, 9.0], "loss": "rmu"}
 
@@ -354,7 +354,7 @@ def test_grand_control_vectors_are_the_trainings(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(objectives.RMU, "loss", loss_spy)
     cfg = methods.resolve({"method": "rmu", "model": tiny["model"], "forget": [tiny["f1"], tiny["f2"]],
                            "retain": [tiny["f2"]], "seed": 1, "steps": 2, "layer_id": 2, "layer_ids": [1, 2],
-                           "steering_coeffs": [4.0, 9.0], "eval_tasks": [], "save": False, "progress": False,
+                           "steering_coeffs": [4.0, 9.0], "eval_tasks": [], "save": False, "progress": False, "device": "cpu",
                            "out": str(tmp_path / "u")})
     unlearn.run(cfg)
     assert len(seen_train) == 2                               # step 0: topic 0, step 1: topic 1
@@ -403,7 +403,7 @@ def sweep_argv(tiny, tmp_path, *extra):
     return ["--method", "rmu", "--select", "random", "--ratios", "0.2 1.0", "--seeds", "0,1", "--model",
             tiny["model"], "--data", str(tmp_path), "--forget", f"{tiny['f1']},{tiny['f2']}", "--retain",
             tiny["f2"], "--tasks", "toy_hazard,toy_general", "--steps", "3", "--out", str(tmp_path / "sweep"),
-            "--no-progress", "--unlearn-args", "--layer-id 2 --layer-ids 1,2", *extra]
+            "--no-progress", "--device", "cpu", "--unlearn-args", "--layer-id 2 --layer-ids 1,2", *extra]
 
 
 def test_sweep_resumes_and_reports(tiny, tmp_path, monkeypatch):

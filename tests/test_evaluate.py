@@ -408,7 +408,7 @@ def test_cli_writes_results_json(word_model, data_dir, tmp_path, capsys):
     path, _, _ = word_model
     out = tmp_path / "res" / "results.json"
     E.main(["--model", str(path), "--data", str(data_dir), "--tasks", "toy_hazard,toy_general",
-            "--out", str(out), "--batch-size", "8", "--no-progress"])
+            "--out", str(out), "--batch-size", "8", "--no-progress", "--device", "cpu"])
     rec = json.loads(out.read_text())
     assert set(rec["results"]) == {"toy_hazard", "toy_general"}
     assert rec["dtype"] == "float32" and rec["model"] == str(path)

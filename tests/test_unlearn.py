@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
 
 def args_for(tiny, out, *extra, method="rmu"):
     base = ["--method", method, "--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"],
-            "--out", str(out), "--no-progress", "--eval-tasks", "none", "--seed", "0"]
+            "--out", str(out), "--no-progress", "--eval-tasks", "none", "--seed", "0", "--device", "cpu"]
     if method == "rmu":
         base += ["--layer-id", "2", "--layer-ids", "1,2"]
     return methods.resolve(U.overrides_from_argv(base + list(extra)))
