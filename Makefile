@@ -26,18 +26,38 @@ ifeq ($(DATA),)
   WMDP_FORGET := data/toy/forget_corpus.jsonl
   WMDP_RETAIN := data/toy/retain_corpus.jsonl
   WMDP_TASKS  := toy_hazard,toy_general
+  # the toy's MUSE-shaped split (toy_muse.py) and its own target model, as MUSE-News has its own
+  MUSE_FORGET := data/toy/muse/toy/raw_forget.jsonl
+  MUSE_RETAIN := data/toy/muse/toy/raw_retain1.jsonl
+  MUSE_TASKS  := muse_toy,toy_general
+  MUSE_FLAGS  :=
 else
   DATA_DIR    := $(DATA)
   WMDP_FORGET := $(DATA)/wmdp/bio-forget-corpus.jsonl,$(DATA)/wmdp/cyber-forget-corpus.jsonl
   WMDP_RETAIN := $(DATA)/wikitext/wikitext-2-raw-v1-test.txt
   WMDP_TASKS  := wmdp_bio,wmdp_cyber,mmlu
+  MUSE_FORGET := $(DATA)/muse/news/raw_forget.jsonl
+  MUSE_RETAIN := $(DATA)/muse/news/raw_retain1.jsonl
+  MUSE_TASKS  := muse_news
+  MUSE_FLAGS  := --no-npo-mean-tokens --chunk-tokens 2048 --forget-max-len 2048 --retain-max-len 2048 --grad-accum 8
 endif
 MODEL_DIR := $(if $(MODEL),$(MODEL),data/toy/model)
+MUSE_MODEL_DIR := $(if $(MODEL),$(MODEL),data/toy/muse/model)
+# real MUSE data needs its own target model: the toy's MUSE model does not know MUSE-News
+MUSE_CHECK = @if [ -n "$(DATA)" ] && [ -z "$(MODEL)" ]; then echo "$@: DATA=$(DATA) needs MODEL=the MUSE News target model (the embedded toy's MUSE model knows only the toy)" >&2; exit 2; fi
+# BENCHMARK=muse points the sweep, the budget curve and connectivity at the MUSE split (default: wmdp)
+BENCHMARK ?= wmdp
+IS_MUSE   := $(filter muse,$(BENCHMARK))
+B_MODEL   := $(if $(IS_MUSE),$(MUSE_MODEL_DIR),$(MODEL_DIR))
+B_FORGET  := $(if $(IS_MUSE),$(MUSE_FORGET),$(WMDP_FORGET))
+B_RETAIN  := $(if $(IS_MUSE),$(MUSE_RETAIN),$(WMDP_RETAIN))
+B_TASKS   := $(if $(IS_MUSE),$(MUSE_TASKS),$(WMDP_TASKS))
+B_PREFIX  := $(if $(IS_MUSE),muse-,)
 # the budget (budget.py): STEPS=N optimizer steps or EPOCHS=E passes over the run's forget set; neither: the method's
 # rule (RMU: the reference's, min(150, batches of the full forget set); NPO family: 500 steps)
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)$(if $(EPOCHS), --epochs $(EPOCHS),)
 
-.PHONY: setup test test-slow test-fast lock toy fetch bench bench-all bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve connectivity
+.PHONY: setup test test-slow test-fast lock toy toy-muse fetch bench bench-all bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve connectivity
 
 setup: $(SETUP)
 
@@ -77,8 +97,14 @@ lock:
 	@echo "lock: requirements.lock moved forward and tested; git diff requirements.lock shows what changed"
 
 # ---------------------------------------------------------------------------------------------- data
+# the WMDP-shaped toy (make_toy.py: data, tokenizer, model, control), then its MUSE-shaped split and MUSE target
+# model (toy_muse.py; alone: make toy-muse)
 toy: $(SETUP)
 	$(PY) make_toy.py
+	$(PY) toy_muse.py
+
+toy-muse: $(SETUP)
+	$(PY) toy_muse.py
 
 fetch: $(SETUP)
 	$(PY) -m data.fetch --data $(if $(DATA),$(DATA),data/real) $(if $(MODEL),--model $(MODEL),)
@@ -113,30 +139,29 @@ UNLEARN_FLAGS ?=
 UNLEARN_RUN    = $(OUT)/$@-$(SELECT)-r$(RATIO)-s$(SEED)
 # the coreset lies beside the run directory, not inside it: an input inside an output would be replaced with it
 CORESET_FILE   = $(UNLEARN_RUN).coreset.jsonl
-MUSE_FORGET   := $(DATA)/muse/news/raw_forget.jsonl
-MUSE_RETAIN   := $(DATA)/muse/news/raw_retain1.jsonl
-# $(call unlearn,METHOD,FORGET,RETAIN,TASKS,EXTRA FLAGS)
+# $(call unlearn,METHOD,FORGET,RETAIN,TASKS,EXTRA FLAGS,MODEL DIR)
 define unlearn
 	@if [ "$(SELECT)" != "random" ]; then \
 	  echo "+ coreset.py --method $(SELECT) --ratio $(RATIO) --seed $(SEED)"; \
-	  $(PY) coreset.py --method $(SELECT) --model $(MODEL_DIR) --forget $(2) --ratio $(RATIO) --seed $(SEED) \
+	  $(PY) coreset.py --method $(SELECT) --model $(6) --forget $(2) --ratio $(RATIO) --seed $(SEED) \
 	    $(if $(filter grand,$(SELECT)),--grand-loss $(if $(filter rmu,$(1)),rmu,npo),) \
 	    $(if $(filter keywords,$(SELECT)),--retain $(3),) \
 	    --out $(CORESET_FILE) || exit $$?; fi
-	$(PY) unlearn.py --method $(1) --model $(MODEL_DIR) --forget $(2) --retain $(3) \
+	$(PY) unlearn.py --method $(1) --model $(6) --forget $(2) --retain $(3) \
 	  $(if $(filter random,$(SELECT)),--ratio $(RATIO),--coreset $(CORESET_FILE)) \
 	  --seed $(SEED) $(STEPS_FLAG) --data $(DATA_DIR) --eval-tasks $(4) --out $(UNLEARN_RUN) $(5) $(UNLEARN_FLAGS)
 endef
 
 wmdp-rmu: $(SETUP)
-	$(call unlearn,rmu,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),)
+	$(call unlearn,rmu,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),,$(MODEL_DIR))
 
 wmdp-npo: $(SETUP)
-	$(call unlearn,npo,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),)
+	$(call unlearn,npo,$(WMDP_FORGET),$(WMDP_RETAIN),$(WMDP_TASKS),,$(MODEL_DIR))
 
+# without DATA: the toy's MUSE split (data/toy/muse/toy) and its target model (data/toy/muse/model)
 muse-npo: $(SETUP)
-	@if [ -z "$(DATA)" ]; then echo "muse-npo: needs DATA=DIR holding muse/news (get it with make fetch DATA=DIR) and MODEL=the MUSE News target model; the embedded toy has no MUSE data (try make wmdp-npo)" >&2; exit 2; fi
-	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),muse_news,--no-npo-mean-tokens --chunk-tokens 2048 --forget-max-len 2048 --retain-max-len 2048 --grad-accum 8)
+	$(MUSE_CHECK)
+	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),$(MUSE_TASKS),$(MUSE_FLAGS),$(MUSE_MODEL_DIR))
 
 bench-unlearn: $(SETUP)
 	$(PY) -m benches.unlearn_step
@@ -149,23 +174,26 @@ bench-unlearn: $(SETUP)
 #   its own set; STEPS=N: N steps for every cell.
 #   make sweep-select METHOD=rmu RATIO=0.05 SELECTS="random loss zlib mink minkpp grand moderate" SEEDS="0 1 2"
 #     -> $(OUT)/sweep-select-<method>-r<ratio>/results.{md,json,png}
+#   BENCHMARK=muse METHOD=npo: either on the MUSE split (VerbMem, KnowMem, PrivLeak) -> $(OUT)/sweep-muse-...
 # SWEEP_FLAGS adds coreset_sweep.py flags (e.g. --docs docs/sweep_rmu_equal_steps, --keep-models, --select-args "...").
 METHOD  ?= rmu
 RATIOS  ?= 0.01 0.05 0.1 0.2 1.0
 SEEDS   ?= 0 1 2
 SELECTS ?= random loss zlib mink minkpp grand moderate
 SWEEP_FLAGS ?=
-SWEEP_UNLEARN = $(strip $(UNLEARN_FLAGS))
+SWEEP_UNLEARN = $(strip $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_FLAGS))
 BUDGET  ?= equal-steps
-SWEEP_COMMON = --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
-  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
+SWEEP_COMMON = --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
+  --retain $(B_RETAIN) --tasks $(B_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
   $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
 
 sweep: $(SETUP)
-	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(METHOD)-$(SELECT)-$(BUDGET)
+	$(if $(IS_MUSE),$(MUSE_CHECK))
+	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select $(SELECT) --ratios "$(RATIOS)" --out $(OUT)/sweep-$(B_PREFIX)$(METHOD)-$(SELECT)-$(BUDGET)
 
 sweep-select: $(SETUP)
-	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(METHOD)-r$(RATIO)-$(BUDGET)
+	$(if $(IS_MUSE),$(MUSE_CHECK))
+	$(PY) coreset_sweep.py $(SWEEP_COMMON) --select "$(SELECTS)" --ratios $(RATIO) --out $(OUT)/sweep-select-$(B_PREFIX)$(METHOD)-r$(RATIO)-$(BUDGET)
 
 # --- budget curve (budget_curve.py): forget and utility accuracy against training steps, for the full forget set
 # and a RATIO coreset, evaluated every EVERY steps inside one run each; table + plot.
@@ -175,10 +203,10 @@ sweep-select: $(SETUP)
 EVERY ?=
 CURVE_FLAGS ?=
 budget-curve: $(SETUP)
-	$(PY) budget_curve.py --method $(METHOD) --model $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
-	  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
+	$(PY) budget_curve.py --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
+	  --retain $(B_RETAIN) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
 	  $(if $(EVERY),--every $(EVERY),) $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(CURVE_FLAGS) \
-	  --out $(OUT)/budget-curve-$(METHOD)-r$(RATIO)
+	  --out $(OUT)/budget-curve-$(B_PREFIX)$(METHOD)-r$(RATIO)
 
 # --- mode connectivity (connectivity.py): A = the full forget set, B = a RATIO coreset (same method, seed, budget),
 # then the straight paths A <-> B, base <-> A, base <-> B evaluated at POINTS values of t; barrier per metric.
@@ -186,9 +214,9 @@ budget-curve: $(SETUP)
 #     -> $(OUT)/connectivity-<method>-r<ratio>/results.{md,json,png}
 POINTS ?= 11
 CONN_FLAGS ?=
-CONN_UNLEARN = $(strip $(STEPS_FLAG) $(UNLEARN_FLAGS))
+CONN_UNLEARN = $(strip $(STEPS_FLAG) $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_FLAGS))
 connectivity: $(SETUP)
-	$(PY) connectivity.py --method $(METHOD) --base $(MODEL_DIR) --data $(DATA_DIR) --forget $(WMDP_FORGET) \
-	  --retain $(WMDP_RETAIN) --tasks $(WMDP_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
+	$(PY) connectivity.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
+	  --retain $(B_RETAIN) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
 	  $(if $(A),--a $(A),) $(if $(B),--b $(B),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(CONN_FLAGS) \
-	  --out $(OUT)/connectivity-$(METHOD)-r$(RATIO)
+	  --out $(OUT)/connectivity-$(B_PREFIX)$(METHOD)-r$(RATIO)

@@ -104,10 +104,11 @@ def markdown(curves, metrics, util, title):
                 rows[p["step"]][j * len(metrics) + k] = p["metrics"].get(m)
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for step in sorted(rows):
-        lines.append(f"| {step} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in rows[step]) + " |")
+        lines.append(f"| {step} | " + " | ".join("-" if v is None else f"{data.metric_pct(m, v):.1f}"
+                                                for m, v in zip(metrics * len(curves), rows[step])) + " |")
     seen = "; ".join(f"{c['name']}: {sum(f['docs_seen'] for f in c['budget']['forget'])} documents seen, "
                      f"{c['budget']['epochs']:g} epochs, {c['train_s']:.0f}s of training" for c in curves)
-    return "\n".join(lines + ["", "Accuracy in % at each evaluated step (step 0: the base model). " + seen]) + "\n"
+    return "\n".join(lines + ["", "Metrics in % (accuracy; MUSE's as muse-bench reports them) at each evaluated step (step 0: the base model). " + seen]) + "\n"
 
 
 def plot(curves, metrics, util, path, title):
@@ -119,12 +120,13 @@ def plot(curves, metrics, util, path, title):
     for j, c in enumerate(curves):
         for k, m in enumerate(metrics):
             xs = [p["step"] for p in c["points"]]
-            ys = [100 * p["metrics"][m] if m in p["metrics"] else None for p in c["points"]]
+            ys = [data.metric_pct(m, p["metrics"].get(m)) for p in c["points"]]
             ax.plot(xs, ys, color=colors[k % len(colors)], ls="-" if j == 0 else "--", marker="os"[j % 2], ms=3,
                     label=f"{m} ({'utility' if data.is_utility(m, util) else 'forget'}), {c['name']}")
-    ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
+    if all("/" not in m for m in metrics):   # multiple-choice accuracies: 4 choices
+        ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
     ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%)" if all("/" not in m for m in metrics) else "%")
     return save_figure(fig, path, title, [ax])
 
 

@@ -113,7 +113,7 @@ def walk(args, name, end_a, end_b, settings, progress=True):
                                       args.eval_limit, False, bos=settings["bos"], ll_dtype=settings["ll_dtype"])
         points.append({"t": t, "metrics": evaluate.task_metrics(evaluate.summarize(res))})
         if progress:
-            print(f"connectivity: {name} t={t:.2f} " + " ".join(f"{m} {100 * v:.1f}"
+            print(f"connectivity: {name} t={t:.2f} " + " ".join(f"{m} {data.metric_pct(m, v):.1f}"
                                                            for m, v in points[-1]["metrics"].items()), flush=True)
     metrics = list(points[0]["metrics"])
     return {"path": name, "from": str(end_a), "to": str(end_b), "tensors": sorted(diff), "points": points,
@@ -141,11 +141,11 @@ def markdown(paths, util, title):
         lines += [f"**{p['path']}** ({len(p['tensors'])} tensors interpolated)", "",
                   "| t | " + " | ".join(f"{m} ({'utility' if data.is_utility(m, util) else 'forget'})" for m in ms) + " |",
                   "|" + "---|" * (len(ms) + 1)]
-        lines += [f"| {q['t']:.2f} | " + " | ".join(f"{100 * q['metrics'][m]:.1f}" for m in ms) + " |" for q in p["points"]]
-        lines += ["| barrier (t) | " + " | ".join(f"{100 * b['barrier']:+.1f} ({b['barrier_t']:.1f})"
-                                                   for b in p["barriers"].values()) + " |",
-                  "| dip (t) | " + " | ".join(f"{100 * b['dip']:+.1f} ({b['dip_t']:.1f})"
-                                               for b in p["barriers"].values()) + " |", ""]
+        lines += [f"| {q['t']:.2f} | " + " | ".join(f"{data.metric_pct(m, q['metrics'][m]):.1f}" for m in ms) + " |" for q in p["points"]]
+        lines += ["| barrier (t) | " + " | ".join(f"{data.metric_pct(m, b['barrier']):+.1f} ({b['barrier_t']:.1f})"
+                                                   for m, b in p["barriers"].items()) + " |",
+                  "| dip (t) | " + " | ".join(f"{data.metric_pct(m, b['dip']):+.1f} ({b['dip_t']:.1f})"
+                                               for m, b in p["barriers"].items()) + " |", ""]
     lines.append("Accuracy in %. barrier / dip: the largest rise above / fall below the straight line between the "
                  "path's two ends, in points, and where it occurs.")
     return "\n".join(lines) + "\n"
@@ -159,11 +159,12 @@ def plot(paths, path, title):
     fig, axes = plt.subplots(1, len(ms), figsize=(4.2 * len(ms), 3.6), dpi=120, squeeze=False)
     for ax, m in zip(axes[0], ms):
         for p in paths:
-            ax.plot([q["t"] for q in p["points"]], [100 * q["metrics"][m] for q in p["points"]], marker="o", ms=3,
+            ax.plot([q["t"] for q in p["points"]], [data.metric_pct(m, q["metrics"][m]) for q in p["points"]], marker="o", ms=3,
                     label=p["path"])
-        ax.axhline(25, color="gray", ls=":", lw=1)
+        if "/" not in m:   # a multiple-choice accuracy: 4 choices
+            ax.axhline(25, color="gray", ls=":", lw=1)
         ax.set_xlabel("t (0: first end, 1: second end)")
-        ax.set_ylabel(f"{m} accuracy (%)")
+        ax.set_ylabel(f"{m} ({'accuracy, ' if '/' not in m else ''}%)")
     return save_figure(fig, path, title, axes[0])
 
 

@@ -36,7 +36,7 @@ import evaluate
 import methods
 import unlearn
 from coreset import CoresetError, coreset_size
-from data import UTILITY_TASKS, is_utility
+from data import UTILITY_TASKS, is_utility, metric_pct
 from model import load_tokenizer
 from infra import TOY_DIR, TOY_MODEL, atomic_write_json, cli_main, pyplot, run_info, save_figure, split_list, write_results
 
@@ -224,12 +224,11 @@ def aggregate(cells, utility_tasks):
             "forget_metrics": [m for m in metrics if m not in util], "rows": rows}
 
 
-def fmt_pct(v, sd=None):
+def fmt_pct(metric, v, sd=None):
     if v is None:
         return "-"
-    scale = 100 if abs(v) <= 1 else 1
-    s = f"{scale * v:.1f}"
-    return s if sd is None else f"{s} ± {scale * sd:.1f}"
+    s = f"{metric_pct(metric, v):.1f}"
+    return s if sd is None else f"{s} ± {metric_pct(metric, sd):.1f}"
 
 
 def ratio_label(r):
@@ -245,15 +244,15 @@ def markdown_table(agg, title, notes=()):
     tag = {m: "forget" if m in agg["forget_metrics"] else "utility" for m in ms}
     head = ["selection", "ratio", "docs", "steps", "epochs"] + [f"{m} ({tag[m]})" for m in ms] + ["seeds", "time/cell"]
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines.append("| base model | - | - | - | - | " + " | ".join(fmt_pct(agg["base"].get(m)) for m in ms) + " | - | - |")
+    lines.append("| base model | - | - | - | - | " + " | ".join(fmt_pct(m, agg["base"].get(m)) for m in ms) + " | - | - |")
     for r in agg["rows"]:
         docs = "+".join(str(n) for n in (r["n_selected"] or [])) or "-"
-        vals = [fmt_pct(r["metrics"][m]["mean"], r["metrics"][m]["std"]) for m in ms]
+        vals = [fmt_pct(m, r["metrics"][m]["mean"], r["metrics"][m]["std"]) for m in ms]
         ep = "-" if r.get("epochs") is None else f"{r['epochs']:.3g}"
         lines.append(f"| {r['select']} | {ratio_label(r['ratio'])} | {docs} | {r.get('steps', '-')} | {ep} | "
                      + " | ".join(vals)
                      + f" | {len(r['seeds'])} | {r['time_s']:.0f}s |")
-    lines += ["", "Accuracy in % (mean ± sample std over seeds); base model = before unlearning; docs = selected "
+    lines += ["", "Accuracy in % (MUSE's metrics: ROUGE-L F1 x100, PrivLeak in %) (mean ± sample std over seeds); base model = before unlearning; docs = selected "
               "documents per forget file; steps = optimizer steps; epochs = passes over the cell's own set (documents "
               "drawn / selected, the least-covered forget file); time/cell = selection + unlearning + evaluation, "
               "mean over seeds.",
@@ -266,22 +265,22 @@ def plot(agg, path, title):
     plt = pyplot("coreset sweep")
     if plt is None:
         return None
-    ms = agg["forget_metrics"] + agg["utility_metrics"]
+    # PrivLeak (a relative difference, -100..+inf) would flatten the 0-100 metrics: it stays in the table
+    ms = [m for m in agg["forget_metrics"] + agg["utility_metrics"] if not m.endswith("/privleak")]
     sels = list(dict.fromkeys(r["select"] for r in agg["rows"]))
     ratios = sorted({r["ratio"] for r in agg["rows"]})
-    scale = lambda v: None if v is None else (100 * v if abs(v) <= 1 else v)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     if len(ratios) == 1 and len(sels) > 1:   # sweep-select: bars per selection method
         w = 0.8 / len(ms)
         for j, m in enumerate(ms):
             rows = {r["select"]: r for r in agg["rows"]}
-            ys = [scale(rows[s]["metrics"][m]["mean"]) for s in sels]
-            es = [scale(rows[s]["metrics"][m]["std"]) for s in sels]
+            ys = [metric_pct(m, rows[s]["metrics"][m]["mean"]) for s in sels]
+            es = [metric_pct(m, rows[s]["metrics"][m]["std"]) for s in sels]
             ax.bar(np.arange(len(sels)) + (j - (len(ms) - 1) / 2) * w, ys, w, yerr=es, capsize=3,
                    color=colors[j % len(colors)], label=m)
             if m in agg["base"]:
-                ax.axhline(scale(agg["base"][m]), color=colors[j % len(colors)], ls="--", lw=1,
+                ax.axhline(metric_pct(m, agg["base"][m]), color=colors[j % len(colors)], ls="--", lw=1,
                            label=f"{m} (base)")
         if ms and all("/" not in m for m in ms):
             ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
@@ -293,13 +292,13 @@ def plot(agg, path, title):
             for k, s in enumerate(sels):
                 rows = sorted((r for r in agg["rows"] if r["select"] == s), key=lambda r: r["ratio"])
                 xs = [r["ratio"] for r in rows]
-                ys = [scale(r["metrics"][m]["mean"]) for r in rows]
-                es = [scale(r["metrics"][m]["std"]) for r in rows]
+                ys = [metric_pct(m, r["metrics"][m]["mean"]) for r in rows]
+                es = [metric_pct(m, r["metrics"][m]["std"]) for r in rows]
                 ax.errorbar(xs, ys, yerr=es, color=c, marker="os^vD<>"[k % 7], capsize=3,
                             ls="-" if m in agg["forget_metrics"] else "-.",
                             label=m + ("" if len(sels) == 1 else f" ({s})"))
             if m in agg["base"]:
-                ax.axhline(scale(agg["base"][m]), color=c, ls="--", lw=1, label=f"{m} (base model)")
+                ax.axhline(metric_pct(m, agg["base"][m]), color=c, ls="--", lw=1, label=f"{m} (base model)")
         if ms and all("/" not in m for m in ms):   # multiple-choice accuracies: 4 choices
             ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
         if all(r <= 1 for r in ratios):
@@ -307,7 +306,7 @@ def plot(agg, path, title):
             ax.set_xticks(ratios, [ratio_label(r) for r in ratios])
             ax.minorticks_off()
         ax.set_xlabel("coreset ratio (fraction of the forget set)")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel("accuracy (%)" if all("/" not in m for m in ms) else "MUSE metric (%)")
     return save_figure(fig, path, title, [ax])
 
 

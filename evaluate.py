@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 import model as model_io
-from data import MUSE_DIRS, MUSE_TASKS, DataError, mc_prompt, read_mc, resolve_task, task_form
+from data import MUSE_DIRS, MUSE_TASKS, DataError, mc_prompt, metric_pct, read_mc, resolve_task, task_form
 from infra import TOY_DIR, TOY_MODEL, ProjectError, atomic_write_json, check_output, cli_main, run_info
 from loglik import BOS_RULES, EVAL_PRESETS, LL_DTYPES, choice_requests, choice_rows, eval_settings, score_rows
 from muse_eval import evaluate_muse
@@ -335,17 +335,11 @@ def task_metrics(results):
     return out
 
 
-def metric_value_pct(name, v):
-    """A metric for display: accuracies (plain task names, and the cloze form's task/acc_norm) x100, MUSE metrics
-    (task/metric) as they are (already x100)."""
-    return 100 * v if "/" not in name or name.endswith("/acc_norm") else v
-
-
 def format_table(before, after, method, steps, train_s):
     """Markdown table: one row per model (base, unlearned), one column per metric, then steps and time."""
     mb = task_metrics(before)
     cols = list(mb)
-    row = lambda m: [f"{metric_value_pct(c, m[c]):.1f}" for c in cols]
+    row = lambda m: [f"{metric_pct(c, m[c]):.1f}" for c in cols]
     head = ["model"] + [c.replace("/", ":") for c in cols] + ["steps", "time"]
     rows = [["base"] + row(mb) + ["-", "-"]]
     if after is not None:

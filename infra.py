@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 TOY_DIR = ROOT / "data" / "toy"
 TOY_MODEL = TOY_DIR / "model"
+TOY_MUSE_MODEL = TOY_DIR / "muse" / "model"      # the toy's MUSE target model (toy_muse.py), as MUSE-News has its own
 
 
 class ProjectError(ValueError):

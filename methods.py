@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from budget import ORDERS
-from infra import TOY_DIR, TOY_MODEL, ProjectError, parse_ratio, resolve_device, resolve_dtype, split_list
+from infra import TOY_DIR, TOY_MODEL, TOY_MUSE_MODEL, ProjectError, parse_ratio, resolve_device, resolve_dtype, split_list
 from loglik import eval_settings
 
 METHODS = ("rmu", "npo", "graddiff", "simnpo")
@@ -135,16 +135,41 @@ def config_class(method):
     return RMUConfig if method == "rmu" else NPOConfig
 
 
+def toy_models():
+    """The embedded toy's models: the WMDP-shaped one, and the MUSE split's target model. Each has its own data
+    (toy_data) and its own tuned values in data/toy/defaults.json (the MUSE model's under "muse")."""
+    return {"wmdp": TOY_MODEL, "muse": TOY_MUSE_MODEL}
+
+
+def toy_data(kind):
+    """The forget and retain files and the evaluation tasks a toy model is unlearned and evaluated on by default."""
+    if kind == "muse":
+        d = TOY_DIR / "muse" / "toy"
+        return {"forget": [str(d / "raw_forget.jsonl")], "retain": [str(d / "raw_retain1.jsonl")],
+                "eval_tasks": ["muse_toy", "toy_general"]}
+    return {"forget": [str(TOY_DIR / "forget_corpus.jsonl")], "retain": [str(TOY_DIR / "retain_corpus.jsonl")],
+            "eval_tasks": list(TOY_TASKS)}
+
+
+def toy_kind(model_dir):
+    """"wmdp" or "muse" when model_dir is one of the embedded toy's models, else None."""
+    for kind, path in toy_models().items():
+        try:
+            if Path(model_dir).resolve() == path.resolve():
+                return kind
+        except OSError:
+            pass
+    return None
+
+
 def is_toy(model_dir) -> bool:
-    try:
-        return Path(model_dir).resolve() == TOY_MODEL.resolve()
-    except OSError:
-        return False
+    return toy_kind(model_dir) is not None
 
 
-def toy_defaults(method) -> dict:
-    """data/toy/defaults.json's values for this method: {"rmu": {...}, "npo": {...}} (or a flat dict, RMU).
-    Keys as the config's fields (reference spellings accepted); notes and results in the file are skipped."""
+def toy_defaults(method, kind="wmdp") -> dict:
+    """data/toy/defaults.json's values for this method: {"rmu": {...}, "npo": {...}} (or a flat dict, RMU); for the
+    MUSE model (kind "muse"), its "muse" section, shaped the same way. Keys as the config's fields (reference
+    spellings accepted); notes and results in the file are skipped."""
     path = TOY_DIR / "defaults.json"
     if not path.is_file():  # the reference's 7B values do nothing useful on an 8-layer toy: refuse, do not guess
         raise ConfigError(f"{path}: missing; it holds the toy model's tuned hyperparameters (restore it with git)")
@@ -152,6 +177,10 @@ def toy_defaults(method) -> dict:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if kind == "muse":
+        if not isinstance(raw.get("muse"), dict):
+            raise ConfigError(f"{path}: no \"muse\" section (the MUSE toy model's tuned values)")
+        raw = raw["muse"]
     if any(k in raw for k in METHODS + ("npo_family",)):
         sect = raw.get(method) or raw.get("rmu" if method == "rmu" else "npo") or raw.get("npo_family") or {}
     else:
@@ -172,8 +201,9 @@ def method_defaults(method, model=None) -> dict:
     run (GraNd-RMU scoring its control vectors, the sweep) reads."""
     cls = config_class(method)
     values = {f.name: getattr(cls(), f.name) for f in fields(cls)}
-    if is_toy(model or TOY_MODEL):
-        values.update(toy_defaults(method))
+    kind = toy_kind(model or TOY_MODEL)
+    if kind:
+        values.update(toy_defaults(method, kind))
     return _parse_lists(values)
 
 
@@ -205,9 +235,9 @@ def resolve(overrides: dict):
             raise ConfigError(f"--{other[0].replace('_', '-')}: not a setting of --method {method}")
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}")
     model = str(overrides.get("model") or TOY_MODEL)
-    toy = is_toy(model)
-    if toy and not (TOY_MODEL / "config.json").is_file():
-        raise ConfigError(f"{TOY_MODEL}: the embedded toy model is not built; run `make toy`")
+    toy = toy_kind(model)
+    if toy and not (toy_models()[toy] / "config.json").is_file():
+        raise ConfigError(f"{toy_models()[toy]}: the embedded toy model is not built; run `make toy`")
     values = method_defaults(method, model)
     given = _parse_lists({k: v for k, v in overrides.items() if v is not None})
     if given.get("epochs") is not None:   # a budget in epochs replaces the recipe's step count
@@ -216,8 +246,7 @@ def resolve(overrides: dict):
         values["steps"] = None
     values.update(given)
     values["method"], values["model"] = method, model
-    toy_paths = {"forget": [str(TOY_DIR / "forget_corpus.jsonl")], "retain": [str(TOY_DIR / "retain_corpus.jsonl")],
-                 "data": str(TOY_DIR), "eval_tasks": list(TOY_TASKS)}
+    toy_paths = dict(toy_data(toy or "wmdp"), data=str(TOY_DIR))
     for k, v in toy_paths.items():
         if values.get(k) is None:
             if toy:
@@ -473,5 +502,5 @@ def describe(cfg) -> str:
 
 
 __all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "method_defaults",
-           "toy_defaults", "is_toy", "lr_at", "describe", "HFAdamW", "memory_estimate", "check_memory",
+           "toy_defaults", "is_toy", "toy_kind", "lr_at", "describe", "HFAdamW", "memory_estimate", "check_memory",
            "check_device_memory"]

@@ -5,9 +5,11 @@
     greedy 32 tokens, output cut before "\n\n", "\nQuestion", "Question:"; ROUGE-L F1 vs the answer, mean x100.
   - PrivLeak: Min-K% (k = 40%) per text = -mean of the int(0.4 * n) lowest token log-probs (tokens after BOS);
     AUC with forget = label 0, holdout = label 1, score = -Min-K ("forget_holdout_Min-40%");
-    PrivLeak = (AUC - AUC_retrain) / AUC_retrain * 100 (AUC_retrain defaults to MUSE's constants).
+    PrivLeak = (AUC - AUC_retrain) / AUC_retrain * 100. AUC_retrain: --auc-retrain, else the value measured on a
+    split's retrained (control) model and recorded in its split.json (the embedded toy's), else MUSE's constants.
 evaluate.py runs these for the tasks muse_news / muse_books.
 """
+import json
 import os
 import time
 
@@ -25,6 +27,20 @@ AUC_RETRAIN = {"muse_news": 0.47719999999999996, "muse_books": 0.539299999999999
 
 class MuseError(ProjectError):
     """A missing or malformed MUSE file; the message names it."""
+
+
+def recorded_auc_retrain(muse_dir):
+    """The AUC_retrain measured for a split and recorded beside its files (split.json's "auc_retrain"), or None."""
+    path = os.path.join(str(muse_dir), "split.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        v = json.loads(open(path).read()).get("auc_retrain")
+    except (json.JSONDecodeError, AttributeError):
+        raise MuseError(f"{path}: not a JSON object with a number auc_retrain") from None
+    if v is not None and not (isinstance(v, (int, float)) and 0 < v < 1):
+        raise MuseError(f"{path}: auc_retrain {v!r}: expected a number between 0 and 1")
+    return v
 
 
 # ----------------------------------------------------------------------------------------------- ROUGE-L, AUC
@@ -145,7 +161,10 @@ def evaluate_muse(model, tok, muse_dir, task="muse_news", batch_size=8, limit=No
     except DataError as e:
         raise MuseError(str(e)) from None
     cut = (lambda xs: xs[:limit]) if limit else (lambda xs: xs)
-    auc_retrain = auc_retrain if auc_retrain is not None else AUC_RETRAIN.get(task)
+    if auc_retrain is None:
+        auc_retrain = recorded_auc_retrain(muse_dir)
+    if auc_retrain is None:
+        auc_retrain = AUC_RETRAIN.get(task)
     if auc_retrain is None:
         raise MuseError(f"{task}: give --auc-retrain (PrivLeak's AUC of the retrained model)")
     res, samples, t0 = {}, {}, time.time()

@@ -15,6 +15,7 @@ The DATA layout (what `python -m data.fetch --data DATA` writes; `make fetch DAT
     DATA/mmlu/mmlu.jsonl                   {"question", "subject", "choices", "answer"}  cais/mmlu all test
     DATA/wikitext/wikitext-2-raw-v1-test.txt   the raw test file, one line per dataset row
     DATA/muse/{news,books}/<config>_<split>.jsonl   muse-bench/MUSE-{News,Books}, see MUSE_FILES
+    data/toy/muse/toy/<config>_<split>.jsonl  the embedded toy's MUSE-shaped split (toy_muse.py), task muse_toy
     DATA/models/<name>/                    a model snapshot (any HF Llama/Mistral checkpoint dir)
     DATA/fetch.json                        fetch.py's run record
 
@@ -113,12 +114,22 @@ UTILITY_TASKS = ("mmlu", "toy_general", "wikitext")
 
 
 def is_utility(metric, utility_tasks=UTILITY_TASKS) -> bool:
-    """A metric name, "task" or "task/metric" (e.g. toy_general/acc_norm, muse_news/knowmem_r), measures retained
-    utility when its task does."""
-    return metric.split("/")[0] in utility_tasks
+    """A metric name, "task" or "task/metric" (e.g. toy_general/acc_norm), measures retained utility when its task
+    does; a MUSE task's knowmem_r (KnowMem on the retain QA) is its utility metric, the rest measure forgetting."""
+    return metric.split("/")[0] in utility_tasks or metric.endswith("/knowmem_r")
 
-MUSE_DIRS = {"news": "muse/news", "books": "muse/books"}
-MUSE_TASKS = {"muse_news": "news", "muse_books": "books"}   # evaluation task name -> MUSE corpus
+
+def metric_pct(metric, v):
+    """A metric's value for display, in %: accuracies (a plain task name, and the cloze form's task/acc_norm) are
+    fractions and get x100; MUSE's metrics (task/verbmem_f, ..., task/privleak) are already x100. The one rule every
+    table and plot uses."""
+    if v is None:
+        return None
+    return 100 * v if "/" not in metric or metric.endswith("/acc_norm") else v
+
+MUSE_DIRS = {"news": "muse/news", "books": "muse/books", "toy": "muse/toy"}
+# evaluation task name -> MUSE corpus; muse_toy is the embedded default's MUSE-shaped split (toy_muse.py)
+MUSE_TASKS = {"muse_news": "news", "muse_books": "books", "muse_toy": "toy"}
 # MUSE file stem -> fields of each record. One string field "text" -> the reader returns list[str].
 MUSE_FILES = {
     "raw_forget": ("text",),

@@ -212,7 +212,7 @@ def test_tasks_table():
     assert data.mc_description("biology") == "The following are multiple choice questions (with answers) about biology.\n\n"
     assert data.mc_description("high_school_biology").endswith("about high school biology.\n\n")
     assert data.mc_description(None) == "The following are multiple choice questions (with answers).\n\n"
-    assert data.MUSE_TASKS == {"muse_news": "news", "muse_books": "books"}
+    assert data.MUSE_TASKS == {"muse_news": "news", "muse_books": "books", "muse_toy": "toy"}
     assert all(c in data.MUSE_DIRS for c in data.MUSE_TASKS.values())
 
 
@@ -220,6 +220,9 @@ def test_is_utility_follows_the_task():
     assert data.is_utility("toy_general") and data.is_utility("toy_general/acc_norm")
     assert not data.is_utility("toy_hazard/acc_norm") and not data.is_utility("wmdp_bio")
     assert data.is_utility("muse_news/knowmem_r", {"muse_news"}) and not data.is_utility("mmlu", {"muse_news"})
+    # a MUSE task: KnowMem on the retain QA is its utility, VerbMem / KnowMem-forget / PrivLeak measure forgetting
+    assert data.is_utility("muse_toy/knowmem_r")
+    assert not any(data.is_utility(f"muse_toy/{m}") for m in ("verbmem_f", "knowmem_f", "privleak"))
 
 
 def test_toy_tasks_are_cloze_form():

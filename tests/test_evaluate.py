@@ -629,7 +629,8 @@ def test_cloze_form_matches_the_harness_rules(word_model, tmp_path):
     assert res["acc"] == pytest.approx(np.mean(ref_acc)) and res["acc_norm"] == pytest.approx(np.mean(ref_norm))
     assert res["acc_norm_stderr"] == pytest.approx(np.std(ref_norm, ddof=1) / np.sqrt(14))
     assert E.task_metrics(E.summarize(out)) == {"quiz.cloze": res["acc"], "quiz.cloze/acc_norm": res["acc_norm"]}
-    assert E.metric_value_pct("quiz.cloze/acc_norm", 0.5) == 50.0 == E.metric_value_pct("quiz.cloze", 0.5)
+    assert data.metric_pct("quiz.cloze/acc_norm", 0.5) == 50.0 == data.metric_pct("quiz.cloze", 0.5)
+    assert data.metric_pct("muse_toy/privleak", -0.5) == -0.5 and data.metric_pct("muse_toy/verbmem_f", 0.8) == 0.8
     # a cloze file needs non-empty choice texts; a letter file keeps exactly four
     write_jsonl(tmp_path / "bad.cloze.jsonl", [dict(question="q", choices=["a", ""], answer=0)])
     with pytest.raises(data.DataError, match="2 or more non-empty strings"):
