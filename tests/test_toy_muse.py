@@ -185,3 +185,15 @@ def test_make_muse_npo_on_the_toy(tmp_path):
     before, after = rec["eval"]["before"]["muse_toy"], rec["eval"]["after"]["muse_toy"]
     assert before["auc_retrain"] == json.loads((MUSE / "split.json").read_text())["auc_retrain"]
     assert after["verbmem_f"] < before["verbmem_f"] - 10 and after["knowmem_f"] < before["knowmem_f"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_refuses_real_muse_data_without_its_model(tmp_path):
+    """With DATA (the real MUSE files) the toy's MUSE model would be unlearned on text it never saw: one line (then
+    make's own "Error 2" line), exit 2, before anything runs."""
+    for target in (["muse-npo"], ["sweep", "BENCHMARK=muse", "METHOD=npo"]):
+        r = subprocess.run(["make", "-s", *target, f"DATA={tmp_path}", f"OUT={tmp_path / 'o'}"], cwd=str(ROOT),
+                           capture_output=True, text=True, timeout=60)
+        ours = [line for line in r.stderr.splitlines() if not line.startswith("make: ")]
+        assert r.returncode == 2 and len(ours) == 1, r.stderr
+        assert f"DATA={tmp_path} needs MODEL=the MUSE News target model" in ours[0] and not (tmp_path / "o").exists()
