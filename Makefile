@@ -203,6 +203,7 @@ sweep-select: $(SETUP)
 EVERY ?=
 CURVE_FLAGS ?=
 budget-curve: $(SETUP)
+	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) budget_curve.py --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
 	  --retain $(B_RETAIN) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
 	  $(if $(EVERY),--every $(EVERY),) $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(CURVE_FLAGS) \
@@ -216,6 +217,7 @@ POINTS ?= 11
 CONN_FLAGS ?=
 CONN_UNLEARN = $(strip $(STEPS_FLAG) $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_FLAGS))
 connectivity: $(SETUP)
+	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) connectivity.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
 	  --retain $(B_RETAIN) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
 	  $(if $(A),--a $(A),) $(if $(B),--b $(B),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(CONN_FLAGS) \

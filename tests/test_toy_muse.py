@@ -191,7 +191,7 @@ def test_make_muse_npo_on_the_toy(tmp_path):
 def test_make_refuses_real_muse_data_without_its_model(tmp_path):
     """With DATA (the real MUSE files) the toy's MUSE model would be unlearned on text it never saw: one line (then
     make's own "Error 2" line), exit 2, before anything runs."""
-    for target in (["muse-npo"], ["sweep", "BENCHMARK=muse", "METHOD=npo"]):
+    for target in (["muse-npo"], *([t, "BENCHMARK=muse", "METHOD=npo"] for t in ("sweep", "budget-curve", "connectivity"))):
         r = subprocess.run(["make", "-s", *target, f"DATA={tmp_path}", f"OUT={tmp_path / 'o'}"], cwd=str(ROOT),
                            capture_output=True, text=True, timeout=60)
         ours = [line for line in r.stderr.splitlines() if not line.startswith("make: ")]
