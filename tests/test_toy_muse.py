@@ -197,3 +197,22 @@ def test_make_refuses_real_muse_data_without_its_model(tmp_path):
         ours = [line for line in r.stderr.splitlines() if not line.startswith("make: ")]
         assert r.returncode == 2 and len(ours) == 1, r.stderr
         assert f"DATA={tmp_path} needs MODEL=the MUSE News target model" in ours[0] and not (tmp_path / "o").exists()
+
+
+def test_the_muse_model_resolves_to_its_own_files_and_defaults(tmp_path, monkeypatch):
+    """--model data/toy/muse/model alone: the split's forget and retain prose, the MUSE task with the cloze utility
+    task, and defaults.json's "muse" values; a defaults.json without that section is refused in one line."""
+    import methods
+    cfg = methods.resolve({"method": "npo", "model": str(TOY_DIR / "muse" / "model")})
+    assert methods.toy_kind(cfg.model) == "muse" and methods.toy_kind(TOY_DIR / "model") == "wmdp"
+    assert cfg.forget == [str(MUSE / "raw_forget.jsonl")] and cfg.retain == [str(MUSE / "raw_retain1.jsonl")]
+    muse = json.loads((TOY_DIR / "defaults.json").read_text())["muse"]["npo"]
+    assert cfg.eval_tasks == ["muse_toy", "toy_general"] and (cfg.lr, cfg.beta, cfg.steps) == \
+        (muse["lr"], muse["beta"], muse["steps"])
+    fake = tmp_path / "toy"
+    shutil.copytree(TOY_DIR / "muse" / "model", fake / "muse" / "model")
+    (fake / "defaults.json").write_text(json.dumps({"npo": {"lr": 0.1}}))
+    monkeypatch.setattr(methods, "TOY_DIR", fake)
+    monkeypatch.setattr(methods, "TOY_MUSE_MODEL", fake / "muse" / "model")
+    with pytest.raises(methods.ConfigError, match='defaults.json: no "muse" section'):
+        methods.resolve({"method": "npo", "model": str(fake / "muse" / "model")})
