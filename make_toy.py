@@ -302,22 +302,19 @@ def _find_all(text, word):
         i = text.find(word, i + 1)
 
 
-def train_model(args, docs, encode, cfg_dict, log=print, init=None):
-    """Next-token training on the documents (BOS ... EOS, at most 512 tokens), AdamW with a cosine schedule, from a
-    fresh initialisation or, given `init`, continuing that model. encode: text -> (ids, per-token loss weights)
-    (encoder()). -> (model, loss history, seconds)."""
+def train_model(args, docs, encode, cfg_dict, log=print):
+    """Next-token training on the documents (BOS ... EOS, at most 512 tokens), AdamW with a cosine schedule.
+    encode: text -> (ids, per-token loss weights) (encoder()). -> (model, loss history, seconds)."""
     import torch
     import torch.nn.functional as F
     from methods import lr_at
     from model import ModelConfig, Transformer
     torch.manual_seed(args.seed)
-    if init is None:
-        cfg = ModelConfig.from_hf(cfg_dict)
-    model = init if init is not None else Transformer(cfg)
+    model = Transformer(ModelConfig.from_hf(cfg_dict))
     L = model.config.num_hidden_layers
     with torch.no_grad():  # GPT-2 style init: N(0, 0.02), residual outputs scaled by 1/sqrt(2L)
         for n, p in model.named_parameters():
-            if p.dim() == 2 and init is None:
+            if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * L) if n.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
                 p.normal_(0.0, std)
     model.train()

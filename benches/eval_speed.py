@@ -184,8 +184,8 @@ def main(argv=None):
     p.add_argument("--bos", choices=["config", "yes", "no"], default="config")
     p.add_argument("--ll-dtype", choices=["model", "float32"], default=DEFAULTS["ll_dtype"])
     p.add_argument("--random-shape", choices=sorted(SHAPES), default=None,
-                   help="time random weights of this shape (written to a temporary checkpoint beside --out; --model "
-                        "gives only the tokenizer): a 7B timing where no 7B checkpoint is at hand")
+                   help="time random weights of this shape (written to a temporary checkpoint under $TMPDIR, "
+                        "removed afterwards; --model gives only the tokenizer): a 7B timing where no 7B checkpoint is at hand")
     p.add_argument("--out", default="runs/bench/bench_eval.json")
     args = p.parse_args(argv)
     args.bos = {"config": None, "yes": True, "no": False}[args.bos]
