@@ -57,7 +57,7 @@ B_PREFIX  := $(if $(IS_MUSE),muse-,)
 # rule (RMU: the reference's, min(150, batches of the full forget set); NPO family: 500 steps)
 STEPS_FLAG := $(if $(STEPS),--steps $(STEPS),)$(if $(EPOCHS), --epochs $(EPOCHS),)
 
-.PHONY: setup test test-slow test-fast lock toy toy-muse fetch bench bench-all bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve connectivity
+.PHONY: setup test test-slow test-fast lock toy toy-muse fetch bench bench-all bench-unlearn bench-eval wmdp-rmu wmdp-npo muse-npo sweep sweep-select budget-curve connectivity relearn jailbreak
 
 setup: $(SETUP)
 
@@ -211,7 +211,8 @@ budget-curve: $(SETUP)
 
 # --- mode connectivity (connectivity.py): A = the full forget set, B = a RATIO coreset (same method, seed, budget),
 # then the straight paths A <-> B, base <-> A, base <-> B evaluated at POINTS values of t; barrier per metric.
-#   make connectivity METHOD=rmu RATIO=0.05 [A=DIR B=DIR (two existing checkpoints)] [STEPS= | EPOCHS=]
+#   make connectivity METHOD=rmu RATIO=0.05 [A=DIR B=DIR (two existing checkpoints)] [STEPS= | EPOCHS=] [BEZIER=1]
+#   BEZIER=1 also fits a quadratic Bezier curve A - C - B on the unlearning loss and walks it
 #     -> $(OUT)/connectivity-<method>-r<ratio>/results.{md,json,png}
 POINTS ?= 11
 CONN_FLAGS ?=
@@ -220,5 +221,34 @@ connectivity: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) connectivity.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
 	  --retain $(B_RETAIN) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
-	  $(if $(A),--a $(A),) $(if $(B),--b $(B),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(CONN_FLAGS) \
+	  $(if $(A),--a $(A),) $(if $(B),--b $(B),) $(if $(BEZIER),--bezier,) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(CONN_FLAGS) \
 	  --out $(OUT)/connectivity-$(B_PREFIX)$(METHOD)-r$(RATIO)
+
+# --- relearning attack (relearn.py): unlearn the ARMS (full set, coresets, keyword-only; same METHOD, SEED, budget),
+# then fine-tune each on the same forget documents (outside every coreset) for each budget in RELEARN_STEPS and
+# re-evaluate; MODELS="name=DIR,..." attacks existing checkpoints instead.
+#   make relearn METHOD=rmu [ARMS="full 0.05 0.01 keywords"] [RELEARN_STEPS="0 5 10 15 25 50"] [MODELS=...]
+#     -> $(OUT)/relearn-<method>/results.{md,json,png}
+ARMS ?= full 0.05 0.01 keywords
+RELEARN_STEPS ?= 0 5 10 15 25 50
+RELEARN_FLAGS ?=
+relearn: $(SETUP)
+	$(if $(IS_MUSE),$(MUSE_CHECK))
+	$(PY) relearn.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
+	  --retain $(B_RETAIN) --tasks $(B_TASKS) --seed $(SEED) --arms "$(ARMS)" --steps "$(RELEARN_STEPS)" \
+	  $(if $(MODELS),--models $(MODELS),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(RELEARN_FLAGS) \
+	  --out $(OUT)/relearn-$(B_PREFIX)$(METHOD)
+
+# --- jailbreak prefixes (jailbreak.py): unlearn the JB_ARMS (default the full set and a RATIO coreset; same METHOD,
+# SEED, budget), then find one GCG prefix per model on 5 questions of the forget task (towards the base model's
+# answers) and evaluate the rest with and without it. CPU: 50 steps x 64 candidates; GPU: 500 x 512.
+#   make jailbreak METHOD=rmu RATIO=0.05 [MODELS="name=DIR,..."] [JB_FLAGS="--steps 100"]
+#     -> $(OUT)/jailbreak-<method>-r<ratio>/results.{md,json,png}
+JB_ARMS ?= full $(RATIO)
+JB_FLAGS ?=
+jailbreak: $(SETUP)
+	$(if $(IS_MUSE),@echo "jailbreak: the attack scores multiple-choice answers; BENCHMARK=muse has none (use the WMDP tasks)" >&2; exit 2)
+	$(PY) jailbreak.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
+	  --retain $(B_RETAIN) --tasks $(B_TASKS) --seed $(SEED) --arms "$(JB_ARMS)" \
+	  $(if $(MODELS),--models $(MODELS),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(JB_FLAGS) \
+	  --out $(OUT)/jailbreak-$(METHOD)-r$(RATIO)

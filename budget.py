@@ -163,3 +163,27 @@ def coverage_warnings(record) -> list:
     return [f"budget: {p['file']}: the run sees {p['docs_seen']} of its {p['docs_selected']} selected documents "
             f"({record['steps']} steps, rule {record['rule']}, order {record['order']}); give --epochs 1 or more "
             "steps to cover them" for p in record["forget"] if p["docs_seen"] < p["docs_selected"]]
+
+
+# ----------------------------------------------------------------------------------------------- GPU cost estimate
+
+# REFERENCE section 8 and lpkernels/BENCH.md (one H200, bf16): Llama-7B (6.74e9 parameters) scores 8192 tokens in
+# 238 ms, i.e. 2 * 6.74e9 * 8192 / 0.238 = 4.6e14 FLOP/s of dense work; our RMU step at 7B (batch 4 x 512) took
+# 49.5 ms; lm-eval-style multiple choice on 256-token prompts, one forward per question, 137 questions/s.
+ANCHOR_PARAMS, ANCHOR_FLOPS, ANCHOR_RMU_STEP_S, ANCHOR_MC_QPS = 6.74e9, 4.6e14, 0.0495, 137.0
+
+
+def gpu_estimate(n_params, train_tokens=0, rmu_steps=0, eval_questions=0) -> dict:
+    """Seconds on one H200 for a job of this size, scaled from the anchors above by the parameter count (an
+    estimate, not a measurement): full-model training at 6 FLOP per parameter per token, RMU steps at the measured
+    step time, multiple-choice questions at the measured rate. -> {"train_s", "rmu_s", "eval_s", "total_s", "line"}"""
+    scale = n_params / ANCHOR_PARAMS
+    train_s = 6 * n_params * train_tokens / ANCHOR_FLOPS
+    rmu_s = rmu_steps * ANCHOR_RMU_STEP_S * scale
+    eval_s = eval_questions / ANCHOR_MC_QPS * scale
+    total = train_s + rmu_s + eval_s
+    t = lambda s: f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
+    line = (f"GPU cost, estimated (not measured) for one H200 from the anchors in REFERENCE section 8: about "
+            f"{t(total)} for a {n_params / 1e6:,.0f}M-parameter model (training {t(train_s)}, RMU {t(rmu_s)}, "
+            f"evaluation {t(eval_s)})")
+    return {"train_s": train_s, "rmu_s": rmu_s, "eval_s": eval_s, "total_s": total, "line": line}

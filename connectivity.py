@@ -14,10 +14,15 @@ at --points evenly spaced t (default 11, t = 0, 0.1, ..., 1):
     dip     = min_t [ ... ]                              (< 0: below it)
 Without --a / --b both ends are trained first with unlearn.run (same method, seed and settings; A on the full
 forget set, B on a seeded random --ratio coreset) into --out/a and --out/b.
+--bezier also fits a quadratic Bezier curve theta(t) = (1-t)^2 A + 2t(1-t) C + t^2 B (Garipov et al. 2018): C starts
+at the midpoint and is trained by unlearn.run on the unlearning loss of the full forget set (the ends' method,
+seed, budget and settings) at a fresh t ~ U(0, 1) per step (BezierControl), into --out/c; the curve is then walked
+like the line. Does a low-loss curve join models that the straight line does not?
 Writes --out/results.{json,md,png} (json: the run record, the interpolated tensors, every point); --docs PREFIX
 copies them.
 """
 import argparse
+import json
 import shlex
 import time
 from contextlib import ExitStack
@@ -25,12 +30,14 @@ from pathlib import Path
 
 import torch
 
+import arms
+import budget
 import data
 import evaluate
 import methods
 import unlearn
-from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, pyplot,
-                   run_info, save_figure, split_list, write_results)
+from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, parse_ratio,
+                   pyplot, run_info, save_figure, split_list, write_results)
 from loglik import eval_settings
 from model import checkpoint_shards, load, open_safetensors
 
@@ -52,6 +59,8 @@ def build_parser():
     p.add_argument("--utility-tasks", default=",".join(data.UTILITY_TASKS),
                    help="tasks that measure retained utility (the others are forget tasks)")
     p.add_argument("--points", type=int, default=11, help="evenly spaced t in [0, 1]")
+    p.add_argument("--bezier", action="store_true", help="also fit a quadratic Bezier curve A - C - B on the "
+                   "unlearning loss (C: the method's own budget and settings, a fresh t per step) and walk it")
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--eval-preset", default="current", help="evaluator settings (loglik.EVAL_PRESETS)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -97,18 +106,42 @@ def differing_tensors(path_a, path_b) -> dict:
     return diff
 
 
-def walk(args, name, end_a, end_b, settings, progress=True):
-    """Evaluate the straight path from end_a to end_b -> {"path", "tensors", "points": [{t, metrics}], "barriers"}."""
-    diff = differing_tensors(end_a, end_b)
-    model, tok = load(end_a, args.device, args.dtype)
+def linear(t):
+    return [1 - t, t]
+
+
+def bezier(t):
+    """The weights of A, C, B on the quadratic Bezier curve at t."""
+    return [(1 - t) ** 2, 2 * t * (1 - t), t ** 2]
+
+
+def tensors_of(path, names) -> dict:
+    """name -> tensor (CPU) of `names` in the checkpoint at path."""
+    out = {}
+    for file in checkpoint_shards(Path(path)):
+        with open_safetensors(file) as f:
+            out.update({k: f.get_tensor(k) for k in f.keys() if k in names})
+    return out
+
+
+def walk(args, name, ends, settings, progress=True, weights=linear):
+    """Evaluate the path through the checkpoints `ends` (A, B: the straight line; A, C, B with weights=bezier: the
+    curve) -> {"path", "tensors", "points": [{t, metrics}], "barriers"}. Only the tensors that differ between
+    consecutive checkpoints are set; the model is the first end's."""
+    names = set()
+    for x, y in zip(ends, ends[1:]):
+        names |= set(differing_tensors(x, y))
+    vals = [tensors_of(e, names) for e in ends]
+    model, tok = load(ends[0], args.device, args.dtype)
     params = dict(model.named_parameters())
     ts = [i / (args.points - 1) for i in range(args.points)]
     points = []
     for t in ts:
+        w = weights(t)
         with torch.no_grad():
-            for k, (ta, tb) in diff.items():
+            for k in names:
                 if k in params:   # a tied lm_head is the embedding matrix: set once
-                    params[k].copy_(((1 - t) * ta.double() + t * tb.double()).to(params[k].dtype))
+                    params[k].copy_(sum(wi * v[k].double() for wi, v in zip(w, vals)).to(params[k].dtype))
         res = evaluate.evaluate_tasks(model, tok, args.data, split_list(args.tasks, "--tasks"), args.batch_size,
                                       args.eval_limit, False, bos=settings["bos"], ll_dtype=settings["ll_dtype"])
         points.append({"t": t, "metrics": evaluate.task_metrics(evaluate.summarize(res))})
@@ -116,22 +149,75 @@ def walk(args, name, end_a, end_b, settings, progress=True):
             print(f"connectivity: {name} t={t:.2f} " + " ".join(f"{m} {data.metric_pct(m, v):.1f}"
                                                            for m, v in points[-1]["metrics"].items()), flush=True)
     metrics = list(points[0]["metrics"])
-    return {"path": name, "from": str(end_a), "to": str(end_b), "tensors": sorted(diff), "points": points,
+    return {"path": name, "from": str(ends[0]), "to": str(ends[-1]), "through": [str(e) for e in ends[1:-1]],
+            "tensors": sorted(names), "points": points,
             "barriers": {m: barrier(ts, [p["metrics"][m] for p in points]) for m in metrics}}
+
+
+class BezierControl:
+    """What unlearn.run trains in place of its optimizer when it fits the control point C of a quadratic Bezier
+    curve between A and B (Garipov et al. 2018): before each step the trained tensors are set to
+    theta(t) = (1-t)^2 A + 2t(1-t) C + t^2 B at a fresh t ~ U(0, 1); after the backward, C's gradient is
+    2t(1-t) times theta's (the chain rule) and Adam (the run's own lr, betas, eps, weight decay; fp32) steps C.
+    Between steps, and so in the checkpoint the run writes, the trained tensors hold C. The run's frozen
+    references (RMU's frozen path, NPO's reference log-probs) are taken before the first step: the base's."""
+
+    def __init__(self, train, inner, a, b, seed):
+        self.train = train
+        dev = lambda x, p: x.to(p.device, torch.float32)
+        self.a = {n: dev(a[n], p) for n, p in train.items()}
+        self.b = {n: dev(b[n], p) for n, p in train.items()}
+        self.c = {n: ((self.a[n] + self.b[n]) / 2).requires_grad_(True) for n in train}   # the midpoint to start
+        g = inner.param_groups[0]
+        self.opt = torch.optim.AdamW(list(self.c.values()), lr=g["lr"], betas=g.get("betas", (0.9, 0.999)),
+                                     eps=g.get("eps", 1e-8), weight_decay=g.get("weight_decay", 0.0))
+        self.param_groups = self.opt.param_groups   # the run sets the scheduled lr here
+        self.gen = torch.Generator().manual_seed(seed)
+        self.ts = []
+
+    def zero_grad(self, set_to_none=True):
+        t = torch.rand((), generator=self.gen).item()
+        self.ts.append(t)
+        w = bezier(t)
+        with torch.no_grad():
+            for n, p in self.train.items():
+                p.grad = None
+                p.copy_(w[0] * self.a[n] + w[1] * self.c[n] + w[2] * self.b[n])
+
+    def step(self):
+        w = bezier(self.ts[-1])[1]
+        for n, p in self.train.items():
+            self.c[n].grad = None if p.grad is None else w * p.grad.float()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for n, p in self.train.items():
+                p.copy_(self.c[n])
+
+
+def train_control(args, a, b):
+    """Fit the Bezier control point between A and B on the unlearning loss (the method, seed, budget and settings of
+    the ends; the full forget set) into --out/c -> its checkpoint dir (the base with C in the trained tensors)."""
+    common = {"method": args.method, "model": args.base, "forget": args.forget, "retain": args.retain,
+              "seed": args.seed, "device": args.device, "dtype": args.dtype, "out": str(Path(args.out) / "c"),
+              "eval_tasks": "none", "progress": not args.no_progress}
+    common = {k: v for k, v in common.items() if v is not None}
+    common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    cfg = methods.resolve(common)
+    ends = {}
+    rec = unlearn.run(cfg, given=common, wrap_optimizer=lambda train, opt: ends.setdefault(
+        "opt", BezierControl(train, opt, tensors_of(a, set(train)), tensors_of(b, set(train)), args.seed)))
+    return str(Path(args.out) / "c" / "model"), {"loss": rec["loss"], "t": ends["opt"].ts, "steps": rec["steps"]}
 
 
 def train_ends(args):
     """A (full forget set) and B (a --ratio coreset), same method, seed and settings -> their checkpoint dirs."""
-    ends = []
-    for sub, ratio in (("a", None), ("b", args.ratio)):
-        given = {"method": args.method, "model": args.base, "forget": args.forget, "retain": args.retain,
-                 "seed": args.seed, "ratio": ratio, "out": str(Path(args.out) / sub), "eval_tasks": "none",
-                 "device": args.device, "dtype": args.dtype, "progress": not args.no_progress}
-        given = {k: v for k, v in given.items() if v is not None}
-        given.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
-        unlearn.run(methods.resolve(given), given=given)
-        ends.append(str(Path(args.out) / sub / "model"))
-    return ends
+    common = {"method": args.method, "model": args.base, "forget": args.forget, "retain": args.retain,
+              "seed": args.seed, "device": args.device, "dtype": args.dtype}
+    common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    ends = arms.train_arms([("a", None, False), ("b", parse_ratio(args.ratio), False)], common, args.out,
+                           not args.no_progress)
+    return ends["a"], ends["b"]
 
 
 def markdown(paths, util, title):
@@ -180,15 +266,25 @@ def main_work(args):
     check_output(Path(args.out) / "results.json", inputs, "--out", kind="file", ours=lambda p: is_results_file(p, "paths"),
                  name="connectivity")
     record = run_info(args)
+    tasks = split_list(args.tasks, "--tasks")
+    n_q = sum(len(evaluate.load_mc_task(t, args.data, args.eval_limit)[1]) for t in tasks if t not in data.MUSE_TASKS)
+    mc = json.loads((Path(args.base) / "config.json").read_text())
+    est = budget.gpu_estimate(methods.param_counts(mc)[0], eval_questions=(3 + args.bezier) * args.points * n_q)
+    print(f"connectivity: {est['line']} (the paths' multiple-choice evaluations; training A and B comes on top)",
+          flush=True)
     a, b = (args.a, args.b) if args.a else train_ends(args)
     progress = not args.no_progress
-    paths = [walk(args, "A <-> B", a, b, settings, progress), walk(args, "base <-> A", args.base, a, settings, progress),
-             walk(args, "base <-> B", args.base, b, settings, progress)]
+    paths = [walk(args, "A <-> B", [a, b], settings, progress), walk(args, "base <-> A", [args.base, a], settings, progress),
+             walk(args, "base <-> B", [args.base, b], settings, progress)]
+    curve = None
+    if args.bezier:
+        c, curve = train_control(args, a, b)
+        paths.insert(1, walk(args, "A <-> B (Bezier)", [a, c, b], settings, progress, weights=bezier))
     util = set(split_list(args.utility_tasks, "--utility-tasks"))
     title = f"{args.method.upper()}, seed {args.seed}: A = full forget set, B = {args.ratio} coreset" if not args.a \
-        else f"Linear paths: A = {Path(a).parent.name}/{Path(a).name}, B = {Path(b).parent.name}/{Path(b).name}"
+        else f"Paths: A = {Path(a).parent.name}/{Path(a).name}, B = {Path(b).parent.name}/{Path(b).name}"
     out = Path(args.out)
-    record.update(a=str(a), b=str(b), base=str(args.base), eval_settings=settings, paths=paths,
+    record.update(a=str(a), b=str(b), base=str(args.base), eval_settings=settings, paths=paths, bezier=curve, gpu_estimate=est,
                   time_s=round(time.time() - t0, 3))
     md = markdown(paths, util, title)
     write_results(out, record, md, lambda png: plot(paths, png, title), args.docs)

@@ -166,10 +166,10 @@ def is_toy(model_dir) -> bool:
     return toy_kind(model_dir) is not None
 
 
-def toy_defaults(method, kind="wmdp") -> dict:
-    """data/toy/defaults.json's values for this method: {"rmu": {...}, "npo": {...}} (or a flat dict, RMU); for the
-    MUSE model (kind "muse"), its "muse" section, shaped the same way. Keys as the config's fields (reference
-    spellings accepted); notes and results in the file are skipped."""
+def toy_values(kind="wmdp") -> dict:
+    """data/toy/defaults.json as a dict: the WMDP toy model's tuned values, or (kind "muse") its "muse" section.
+    The one reader of that file: the unlearning methods' sections (toy_defaults) and the analyses' own ("relearn",
+    "jailbreak") come from here."""
     path = TOY_DIR / "defaults.json"
     if not path.is_file():  # the reference's 7B values do nothing useful on an 8-layer toy: refuse, do not guess
         raise ConfigError(f"{path}: missing; it holds the toy model's tuned hyperparameters (restore it with git)")
@@ -181,6 +181,13 @@ def toy_defaults(method, kind="wmdp") -> dict:
         if not isinstance(raw.get("muse"), dict):
             raise ConfigError(f"{path}: no \"muse\" section (the MUSE toy model's tuned values)")
         raw = raw["muse"]
+    return raw
+
+
+def toy_defaults(method, kind="wmdp") -> dict:
+    """toy_values' section for this method: {"rmu": {...}, "npo": {...}} (or a flat dict, RMU). Keys as the
+    config's fields (reference spellings accepted); notes and results in the file are skipped."""
+    raw = toy_values(kind)
     if any(k in raw for k in METHODS + ("npo_family",)):
         sect = raw.get(method) or raw.get("rmu" if method == "rmu" else "npo") or raw.get("npo_family") or {}
     else:
@@ -430,9 +437,9 @@ def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):
 GIB = 2 ** 30
 
 
-def param_counts(mc: dict, cfg) -> tuple:
+def param_counts(mc: dict, cfg=None) -> tuple:
     """(all parameters, trained parameters) from a config.json dict: RMU trains --params of --layer-ids, the NPO
-    family everything."""
+    family (and cfg None: full fine-tuning) everything."""
     d, f, L, V = mc["hidden_size"], mc["intermediate_size"], mc["num_hidden_layers"], mc["vocab_size"]
     H = mc["num_attention_heads"]
     kv, hd = mc.get("num_key_value_heads") or H, mc.get("head_dim") or d // H
@@ -440,7 +447,7 @@ def param_counts(mc: dict, cfg) -> tuple:
               "self_attn.o_proj": H * hd * d, "mlp.gate_proj": d * f, "mlp.up_proj": d * f, "mlp.down_proj": f * d}
     layer = sum(matrix.values()) + 2 * d
     total = L * layer + V * d * (1 if mc.get("tie_word_embeddings") else 2) + d
-    if cfg.method != "rmu":
+    if cfg is None or cfg.method != "rmu":
         return total, total
     return total, len(cfg.layer_ids) * sum(matrix.get(pn, 0) for pn in cfg.params)
 

@@ -40,7 +40,6 @@ Evaluation before and after uses the evaluator's settings (--eval-preset, --eval
 <out>/../.eval_cache/ (keyed by model files, data, tasks, limit, dtype and the evaluator's settings).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -270,9 +269,11 @@ def is_previous_run(path) -> bool:
     return is_run_dir(path, {"run.json": None, "model": ckpt})
 
 
-def run(cfg, given=None) -> dict:
+def run(cfg, given=None, wrap_optimizer=None) -> dict:
     """One unlearning run from a resolved config (methods.resolve) -> the run record (also <out>/run.json).
     given: the settings the caller set explicitly (recorded as "args"; the full config as "config").
+    wrap_optimizer(trained params {name: p}, optimizer) -> an object with zero_grad / step / param_groups used in
+    the optimizer's place (connectivity.py's Bezier control point trains through it).
     The output directory is checked before any work and written as one unit: model/ and run.json land together
     when everything, the evaluation after training included, has finished; until then the previous run stays."""
     t_start = time.time()
@@ -312,6 +313,8 @@ def run(cfg, given=None) -> dict:
             curve.append({"step": step, "results": evaluate_model(cfg, model, tok, dtype, settings, False)[0]})
             curve_eval_s[0] += time.time() - te
     train, opt = build(cfg, model)
+    if wrap_optimizer is not None:
+        opt = wrap_optimizer(train, opt)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()

@@ -572,8 +572,12 @@ def test_make_passes_the_methods_loss_the_retain_contrast_and_seed_42():
     assert "--budget equal-epochs" in sweep and "--epochs 3" in sweep and "sweep-rmu-random-equal-epochs" in sweep
     assert "budget_curve.py" in make_dry("budget-curve", "EVERY=5") and "--every 5" in make_dry("budget-curve", "EVERY=5")
     # one flag as UNLEARN_FLAGS reaches the script as one value (argparse takes "--x" alone for an option)
-    for target in ("sweep", "budget-curve", "connectivity"):
+    for target in ("sweep", "budget-curve", "connectivity", "relearn", "jailbreak"):
         assert '--unlearn-args="--no-progress"' in make_dry(target, "UNLEARN_FLAGS=--no-progress"), target
+    rl, jb = make_dry("relearn", 'ARMS=full 0.1', 'RELEARN_STEPS=0 7'), make_dry("jailbreak", "RATIO=0.2")
+    assert '--arms "full 0.1"' in rl and '--steps "0 7"' in rl and "runs/relearn-rmu" in rl
+    assert '--arms "full 0.2"' in jb and "runs/jailbreak-rmu-r0.2" in jb
+    assert "--bezier" in make_dry("connectivity", "BEZIER=1") and "--bezier" not in make_dry("connectivity")
     assert S.build_parser().parse_args(["--unlearn-args=--no-progress"]).unlearn_args == "--no-progress"
 
 

@@ -191,12 +191,16 @@ def test_make_muse_npo_on_the_toy(tmp_path):
 def test_make_refuses_real_muse_data_without_its_model(tmp_path):
     """With DATA (the real MUSE files) the toy's MUSE model would be unlearned on text it never saw: one line (then
     make's own "Error 2" line), exit 2, before anything runs."""
-    for target in (["muse-npo"], *([t, "BENCHMARK=muse", "METHOD=npo"] for t in ("sweep", "budget-curve", "connectivity"))):
+    for target in (["muse-npo"], *([t, "BENCHMARK=muse", "METHOD=npo"] for t in ("sweep", "budget-curve", "connectivity", "relearn"))):
         r = subprocess.run(["make", "-s", *target, f"DATA={tmp_path}", f"OUT={tmp_path / 'o'}"], cwd=str(ROOT),
                            capture_output=True, text=True, timeout=60)
         ours = [line for line in r.stderr.splitlines() if not re.match(r"make(\[\d+\])?: ", line)]   # make's own
         assert r.returncode == 2 and len(ours) == 1, r.stderr
         assert f"DATA={tmp_path} needs MODEL=the MUSE News target model" in ours[0] and not (tmp_path / "o").exists()
+    # the jailbreak scores multiple-choice answers: the MUSE split has none
+    r = subprocess.run(["make", "-s", "jailbreak", "BENCHMARK=muse", f"OUT={tmp_path / 'o'}"], cwd=str(ROOT),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "BENCHMARK=muse has none" in r.stderr and not (tmp_path / "o").exists()
 
 
 def test_the_muse_model_resolves_to_its_own_files_and_defaults(tmp_path, monkeypatch):
