@@ -81,7 +81,7 @@ test-slow: $(SETUP)
 	$(PY) -m pytest tests -m slow
 
 test-fast: $(SETUP)
-	$(PY) -m pytest tests -m "not slow and not real and not harness and not make"
+	$(PY) -m pytest tests -m "not slow and not real and not harness and not make and not dist"
 
 # Move the lock forward on purpose: resolve the newest versions of requirements.in in a scratch venv, run the
 # test suite against them, and only then write requirements.lock (torch's local build tag dropped, so the
@@ -137,6 +137,9 @@ bench-all: $(SETUP)
 # prints the before/after table; a selected coreset goes beside it, <run dir>.coreset.jsonl.
 UNLEARN_FLAGS ?=
 UNLEARN_RUN    = $(OUT)/$@-$(SELECT)-r$(RATIO)-s$(SEED)
+# NPROC=N: the run on N processes (torchrun): the NPO family sharded with FSDP2, RMU data parallel (multigpu.py)
+NPROC ?= 1
+LAUNCH = $(if $(filter-out 1,$(NPROC)),$(PY) -m torch.distributed.run --standalone --nproc-per-node $(NPROC),$(PY))
 # the coreset lies beside the run directory, not inside it: an input inside an output would be replaced with it
 CORESET_FILE   = $(UNLEARN_RUN).coreset.jsonl
 # $(call unlearn,METHOD,FORGET,RETAIN,TASKS,EXTRA FLAGS,MODEL DIR)
@@ -147,7 +150,7 @@ define unlearn
 	    $(if $(filter grand,$(SELECT)),--grand-loss $(if $(filter rmu,$(1)),rmu,npo),) \
 	    $(if $(filter keywords,$(SELECT)),--retain $(3),) \
 	    --out $(CORESET_FILE) || exit $$?; fi
-	$(PY) unlearn.py --method $(1) --model $(6) --forget $(2) --retain $(3) \
+	$(LAUNCH) unlearn.py --method $(1) --model $(6) --forget $(2) --retain $(3) \
 	  $(if $(filter random,$(SELECT)),--ratio $(RATIO),--coreset $(CORESET_FILE)) \
 	  --seed $(SEED) $(STEPS_FLAG) --data $(DATA_DIR) --eval-tasks $(4) --out $(UNLEARN_RUN) $(5) $(UNLEARN_FLAGS)
 endef
@@ -175,17 +178,20 @@ bench-unlearn: $(SETUP)
 #   make sweep-select METHOD=rmu RATIO=0.05 SELECTS="random loss zlib mink minkpp grand moderate" SEEDS="0 1 2"
 #     -> $(OUT)/sweep-select-<method>-r<ratio>/results.{md,json,png}
 #   BENCHMARK=muse METHOD=npo: either on the MUSE split (VerbMem, KnowMem, PrivLeak) -> $(OUT)/sweep-muse-...
+# GPUS=0,1,2,3: one worker process per GPU; the cells are claimed atomically in the sweep directory, so the same
+# command on several nodes sharing a file system works on one sweep (sweep_queue.py).
 # SWEEP_FLAGS adds coreset_sweep.py flags (e.g. --docs docs/sweep_rmu_equal_steps, --keep-models, --select-args "...").
 METHOD  ?= rmu
 RATIOS  ?= 0.01 0.05 0.1 0.2 1.0
 SEEDS   ?= 0 1 2
 SELECTS ?= random loss zlib mink minkpp grand moderate
 SWEEP_FLAGS ?=
+GPUS ?=
 SWEEP_UNLEARN = $(strip $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_FLAGS))
 BUDGET  ?= equal-steps
 SWEEP_COMMON = --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
   --retain $(B_RETAIN) --tasks $(B_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
-  $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(SWEEP_FLAGS)
+  $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(if $(GPUS),--gpus $(GPUS),) $(SWEEP_FLAGS)
 
 sweep: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))

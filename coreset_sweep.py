@@ -23,7 +23,10 @@ copies the three to PREFIX.{md,json,png}. The table shows each row's steps, epoc
 """
 import argparse
 import json
+import os
 import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +37,7 @@ import coreset
 import data
 import evaluate
 import methods
+import sweep_queue
 import unlearn
 from coreset import CoresetError, coreset_size
 from data import UTILITY_TASKS, is_utility, metric_pct
@@ -79,6 +83,13 @@ def build_parser():
     p.add_argument("--docs", default=None, help="also copy results.{md,json,png} to this prefix (e.g. docs/sweep_rmu_equal_steps)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
+    w = p.add_argument_group("several workers (sweep_queue.py: atomic claims in --out, so nodes sharing a file "
+                             "system can work on one sweep)")
+    w.add_argument("--gpus", default=None, help="one worker process per GPU, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--workers", type=int, default=1, help="worker processes on this machine (without --gpus)")
+    w.add_argument("--claim-stale-s", type=float, default=900.0,
+                   help="a claim not renewed for this long belongs to a dead worker and is taken over")
+    w.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: run as a worker of this args file
     return p
 
 
@@ -359,22 +370,64 @@ def sweep(args):
     record["timings"] = {}
     spend = cell_budget(args, corpora)
     record["budget"] = {"policy": "steps" if args.steps else args.budget, "epochs": args.epochs, **spend}
+    grid = [(s, r, seed) for s in sels for r in ratios for seed in seeds]
+    queue = sweep_queue.CellQueue(out / "cells", args.claim_stale_s)
+    name = lambda g: cell_name(*g)
+    gpus = split_list(args.gpus, "--gpus") if args.gpus else None
     if not args.report_only:
-        cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)
-        grid = [(s, r, seed) for s in sels for r in ratios for seed in seeds]
-        todo = [g for g in grid if not finished(out / "cells" / cell_name(*g), spend)]
+        todo = [g for g in grid if not finished(out / "cells" / name(g), spend)]
         print(f"coreset sweep: {len(grid)} cells, {len(grid) - len(todo)} done, {len(todo)} to run -> {out}")
-        for i, (s, r, seed) in enumerate(todo):
-            print(f"--- cell {i + 1}/{len(todo)}: select={s} ratio={r:g} seed={seed} "
-                  f"({time.time() - t0:.0f}s elapsed)", flush=True)
-            run_cell(args, s, r, seed, sizes, cache, spend)
-            report(args, sels, ratios, seeds, dict(record, timings={"total_s": time.time() - t0}), with_plot=False)
+        if (len(gpus) if gpus else args.workers) > 1 and not args.worker:
+            record["workers"] = launch_workers(args, gpus)
+        else:
+            cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)
+            for i, ((s, r, seed), claim) in enumerate(queue.claims(grid, name, lambda g: finished(
+                    out / "cells" / name(g), spend))):
+                print(f"--- cell {i + 1} of {len(todo)} to run: select={s} ratio={r:g} seed={seed} "
+                      f"({time.time() - t0:.0f}s elapsed)", flush=True)
+                with claim:
+                    run_cell(args, s, r, seed, sizes, cache, spend)
+                if not args.worker:
+                    report(args, sels, ratios, seeds, dict(record, timings={"total_s": time.time() - t0}),
+                           with_plot=False)
+    if args.worker:
+        return None
+    record["failed_cells"] = queue.failed_cells(grid, name)
+    for cell, err in record["failed_cells"].items():
+        print(f"coreset sweep: cell {cell} failed twice, not retried: {err}", file=sys.stderr)
     record["timings"]["total_s"] = time.time() - t0
     return report(args, sels, ratios, seeds, record)
 
 
+def launch_workers(args, gpus) -> list:
+    """Run the grid on one worker process per GPU (or --workers processes), each the same sweep reading its
+    settings from --out/worker_args.json, and wait for them -> [{gpu, returncode}]. A worker that dies leaves
+    its cell's claim to go stale; the others take it over."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("gpus", "workers", "worker")}
+    atomic_write_json(out / "worker_args.json", settings)
+    procs = []
+    for i in range(len(gpus) if gpus else args.workers):
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}))
+        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
+                                       str(out / "worker_args.json")], env=env))
+    print(f"coreset sweep: {len(procs)} workers" + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
+    done = [{"gpu": gpus[i] if gpus else None, "pid": p.pid, "returncode": p.wait()} for i, p in enumerate(procs)]
+    for d in done:
+        if d["returncode"]:
+            print(f"coreset sweep: worker {d['pid']} exited with {d['returncode']}; its unfinished cell, if any, "
+                  "was taken over or is reported below", file=sys.stderr)
+    return done
+
+
 def main(argv=None):
-    return cli_main("coreset sweep", sweep, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.worker:   # a worker: the sweep's own settings, from the file its launcher wrote
+        worker = args.worker
+        args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **json.loads(Path(worker).read_text()),
+                                     "worker": worker, "gpus": None, "workers": 1})
+    return cli_main("coreset sweep", sweep, args)
 
 
 if __name__ == "__main__":

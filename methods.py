@@ -120,6 +120,7 @@ class NPOConfig(UnlearnConfig):
     retain_loss: str = "gd"               # gd (CE) | kl (KL(ref || current)) | none
     npo_mean_tokens: bool = True          # token-mean log-probs (the WMDP runs); False: summed (NPO paper, MUSE)
     chunk_tokens: int = 0                 # split documents into pieces of N tokens (MUSE); 0: truncate
+    activation_checkpointing: bool = False  # keep each decoder block's input only, recompute it in the backward
 
 
 LIST_FIELDS = {"forget": str, "retain": str, "eval_tasks": str, "forget_max_len": int, "steering_coeffs": float,
@@ -452,14 +453,28 @@ def param_counts(mc: dict, cfg=None) -> tuple:
     return total, len(cfg.layer_ids) * sum(matrix.get(pn, 0) for pn in cfg.params)
 
 
-def memory_estimate(cfg, mc: dict, dtype_bytes: int) -> dict:
+def memory_estimate(cfg, mc: dict, dtype_bytes: int, shards: int = 1) -> dict:
     """Bytes a run needs on its device, estimated before anything loads (mc: the model's config.json). Weights,
     the trained parameters' gradients, their fp32 master copy and Adam moments (fp32_optimizer_state: 4 + 8 bytes
     per trained parameter, so the NPO family on bf16 weights needs about 16 bytes per parameter, about 112 GB for
     a 7B model), and the activations kept for backward: per layer with gradients and per token about
     (8 d + 4 f) values (attention and MLP inputs and outputs; the fused log-prob kernels keep no (N, V) logits),
-    for a forget and a retain batch. RMU keeps layers min(layer_ids)..layer_id only."""
+    for a forget and a retain batch. RMU keeps layers min(layer_ids)..layer_id only.
+    shards > 1 (FSDP2, the NPO family, per GPU): fp32 master weights, fp32 gradients and Adam moments split over
+    the shards (16 bytes per parameter / shards), plus two decoder blocks gathered whole in dtype (the one in use
+    and the next, prefetched) and the embeddings with the LM head; activations of batch / shards rows."""
     total, trained = param_counts(mc, cfg)
+    if shards > 1 and cfg.method != "rmu":
+        d, f, L, V = mc["hidden_size"], mc["intermediate_size"], mc["num_hidden_layers"], mc["vocab_size"]
+        block = (total - V * d * (1 if mc.get("tie_word_embeddings") else 2)) / L
+        gathered = (2 * block + V * d * (1 if mc.get("tie_word_embeddings") else 2)) * dtype_bytes
+        tokens = -(-cfg.batch_size // shards) * max(max(cfg.forget_max_len), cfg.retain_max_len)
+        per_token = L * d + (8 * d + 4 * f) if getattr(cfg, "activation_checkpointing", False) else L * (8 * d + 4 * f)
+        acts = 2 * tokens * per_token * dtype_bytes
+        parts = {"weights": total * 4 / shards + gathered, "gradients": trained * 4 / shards,
+                 "optimizer": trained * 8 / shards, "activations": acts}
+        return {**parts, "total": sum(parts.values()), "trained_params": trained, "params": total,
+                "fp32_master": True, "shards": shards}
     d, f = mc["hidden_size"], mc["intermediate_size"]
     master = cfg.fp32_optimizer_state and dtype_bytes < 4
     optimizer = trained * (12 if master else 2 * dtype_bytes)
@@ -481,19 +496,19 @@ def check_memory(est: dict, device_bytes: int, device: str, cfg):
         pure = est["total"] - est["optimizer"] + est["trained_params"] * 4   # bf16 moments instead
         opts.insert(0, f"pure bf16 (--no-fp32-optimizer-state: about {pure / GIB:.0f} GiB)")
     if cfg.method != "rmu":
-        opts.append("several GPUs (FSDP2 via torchrun, the scale-out issue; not in this version)")
+        opts.append("several GPUs: torchrun --nproc-per-node N unlearn.py ... (FSDP2; make ... NPROC=N)")
     raise ConfigError(f"memory: this run needs about {est['total'] / GIB:.0f} GiB (weights {est['weights'] / GIB:.0f}, "
                       f"gradients {est['gradients'] / GIB:.0f}, optimizer {est['optimizer'] / GIB:.0f}, activations "
                       f"{est['activations'] / GIB:.0f}) but {device} has {device_bytes / GIB:.0f} GiB; options: "
                       + "; ".join(opts) + " (--no-memory-check runs anyway)")
 
 
-def check_device_memory(cfg, device, dtype) -> dict | None:
+def check_device_memory(cfg, device, dtype, shards=1) -> dict | None:
     """memory_estimate for this run (None when config.json cannot be read: loading reports it); on a GPU a run
-    that cannot fit stops here, before loading."""
+    that cannot fit stops here, before loading. shards: FSDP2 ranks the NPO family's state is split over."""
     try:
         mc = json.loads((Path(cfg.model) / "config.json").read_text())
-        est = memory_estimate(cfg, mc, torch.finfo(dtype).bits // 8)
+        est = memory_estimate(cfg, mc, torch.finfo(dtype).bits // 8, shards)
     except (OSError, ValueError, KeyError, TypeError):
         return None   # an unreadable config.json: loading reports it
     if device.type == "cuda" and cfg.memory_check:

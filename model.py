@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -234,6 +235,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.source_dir = None  # set by from_pretrained; save_pretrained refuses to write there
+        self.activation_checkpointing = False
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
@@ -263,7 +265,12 @@ class Transformer(nn.Module):
         cos, sin, mask = self._positions_and_mask(B, T, attention_mask, cache, h.device, h.dtype, pad_rows)
         last = self.config.num_hidden_layers - 1 if until_layer is None else until_layer
         for i in range(from_layer, last + 1):
-            h = self.model.layers[i](h, cos, sin, mask, cache, i)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; recompute the block in the backward
+                h = torch.utils.checkpoint.checkpoint(self.model.layers[i], h, cos, sin, mask, cache, i,
+                                                      use_reentrant=False)
+            else:
+                h = self.model.layers[i](h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         if until_layer is not None:

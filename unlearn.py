@@ -54,6 +54,7 @@ import coreset
 import evaluate
 import losses
 import methods
+import multigpu
 from objectives import RMU, ActCache, forget_loss, retain_ce, retain_kl, sequence_logps
 from data import read_corpora, read_corpus
 from infra import (ProjectError, atomic_write_json, check_output, cli_main, is_run_dir, peak_memory, per_topic, progress_bar,
@@ -102,7 +103,8 @@ def trainable(model, cfg) -> dict:
 
 
 def build(cfg, model):
-    """The one place where what is trained and its optimizer are decided (an FSDP wrapper would go here)."""
+    """The one place where what is trained and its optimizer are decided. Under FSDP2 (multigpu.shard, before
+    this) the parameters are fp32 shards, the master copy, and a plain AdamW steps them."""
     model.requires_grad_(False)
     train = trainable(model, cfg)
     for p in train.values():
@@ -113,7 +115,7 @@ def build(cfg, model):
         opt = methods.HFAdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, hf_eps=cfg.hf_adam_eps,
                       fp32_state=cfg.fp32_optimizer_state)
     else:
-        cuda = params[0].device.type == "cuda"
+        cuda = params[0].device.type == "cuda" and not multigpu.is_sharded(model)
         opt = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
                                 fused=cuda or None, foreach=None if cuda else True)
     return train, opt
@@ -142,11 +144,14 @@ def training_steps(cfg, plan, opt, model, desc, after_step=None):
         model.eval()
 
 
-def finish_step(step, cfg, params, opt, bar, hist, parts_hist, tot, tf, tr):
-    """The end of every training step: stop on a non-finite loss, clip, step, record the losses, update the bar."""
+def finish_step(step, cfg, params, opt, bar, hist, parts_hist, tot, tf, tr, world=None):
+    """The end of every training step: stop on a non-finite loss, average the gradients over data-parallel ranks
+    (RMU; FSDP2 has reduced the NPO family's), clip, step, record the losses, update the bar."""
     if not math.isfinite(tot):
         raise UnlearnError(f"step {step}: loss is {tot} (forget {tf:.4g}, retain {tr:.4g}); stopped, no checkpoint "
                            "written (try a lower --lr or --max-grad-norm)")
+    if world is not None and cfg.method == "rmu":
+        world.average_grads(params)
     if cfg.max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
     opt.step()
@@ -164,7 +169,23 @@ def check_weights_finite(train: dict, steps):
                                "checkpoint written (try a lower --lr or --max-grad-norm)")
 
 
-def train_rmu(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None):
+def rank_rows(world, ids, mask, count):
+    """This rank's rows of a global batch (already padded to its longest row) -> (row indices, ids, mask, share):
+    share weighs the rank's mean so that the ranks' averaged gradients are the global mean's (multigpu.World.share);
+    count(ids, mask) counts what the loss averages over (sequences, target tokens, positions). One process: all."""
+    if world.size == 1:
+        return list(range(ids.shape[0])), ids, mask, 1.0
+    rows = world.rows(ids.shape[0])
+    local = count(ids[rows], mask[rows]) if rows else 0
+    use = rows or [0]   # an empty share still runs (weight 0): every rank takes part in every collective
+    return use, ids[use], mask[use], world.share(local, count(ids, mask))
+
+
+def targets_count(ids, mask):
+    return int((losses.next_token_targets(ids, mask) != -100).sum())
+
+
+def train_rmu(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None, world=multigpu.World()):
     n_topics = len(fb)
     coeffs, alphas = per_topic(cfg.steering_coeffs, n_topics), per_topic(cfg.alpha, n_topics)
     dtype = model.lm_head_weight.dtype
@@ -174,6 +195,7 @@ def train_rmu(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None
     bos = tok.bos_token_id  # a special token: in a document only as the BOS the tokenizer adds
     counted = (lambda ids, mask: losses.content_positions(ids, mask, bos)) if cfg.masked_loss else \
         (lambda ids, mask: None)
+    n_counted = lambda ids, mask: int(counted(ids, mask).sum()) if cfg.masked_loss else ids.numel()
     uses = {}
     for micro in plan:
         for t, f, r, rr in micro:
@@ -185,19 +207,26 @@ def train_rmu(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None
         tot, tf, tr = 0.0, 0.0, 0.0
         for t, f, r, rr in micro:
             def fwd_f():
-                ids, mask = (x.to(device) for x in fb[t][f])
-                return rmu.trunk(ids, mask), mask, counted(ids, mask)
+                _, ids, mask, share = rank_rows(world, *fb[t][f], n_counted)
+                ids, mask = ids.to(device), mask.to(device)
+                return rmu.trunk(ids, mask), mask, counted(ids, mask), share
 
             def fwd_r():
-                ids, mask = (x.to(device) for x in rb[r][rr])
+                _, ids, mask, share = rank_rows(world, *rb[r][rr], n_counted)
+                ids, mask = ids.to(device), mask.to(device)
                 h = rmu.trunk(ids, mask)
-                return h, mask, rmu.frozen_acts(h, mask), counted(ids, mask)
-            f_h, f_mask, f_cnt = cache.get(("f", t, f), fwd_f)
-            r_h, r_mask, r_tgt, r_cnt = cache.get(("r", r, rr), fwd_r)
+                return h, mask, rmu.frozen_acts(h, mask), counted(ids, mask), share
+            f_h, f_mask, f_cnt, sf = cache.get(("f", t, f), fwd_f)
+            r_h, r_mask, r_tgt, r_cnt, sr = cache.get(("r", r, rr), fwd_r)
             loss, lf, lr_ = rmu.loss(f_h, f_mask, cvec[t], r_h, r_mask, r_tgt, alphas[t], f_cnt, r_cnt)
+            if world.size > 1:   # each term is a mean over its own rows: weigh each by its share
+                lf, lr_ = lf * sf, lr_ * sr
+                loss = lf + alphas[t] * lr_
             (loss / len(micro)).backward()
-            tot, tf, tr = tot + loss.item() / len(micro), tf + lf.item() / len(micro), tr + lr_.item() / len(micro)
-        finish_step(s, cfg, params, opt, bar, hist, parts_hist, tot, tf, tr)
+            n = world.size * len(micro)
+            tot, tf, tr = (tot + world.sum(loss.item()) / n, tf + world.sum(lf.item()) / n,
+                           tr + world.sum(lr_.item()) / n)
+        finish_step(s, cfg, params, opt, bar, hist, parts_hist, tot, tf, tr, world)
     return hist, parts_hist, {"cache_hits": cache.hits, "steering_coeffs": coeffs, "alphas": alphas}
 
 
@@ -209,8 +238,10 @@ def item_values(items, fn, batch_size):
     return out
 
 
-def train_npo(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None):
-    ref, ref_h, W_ref = {}, {}, None  # reference quantities per item, once, before any update
+def train_npo(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None, world=multigpu.World()):
+    # reference quantities per item, once, before any update (under FSDP2 every rank computes all of them: the
+    # forwards are collectives, and the pass is over the coreset only)
+    ref, ref_h, W_ref = {}, {}, None
     if cfg.method == "npo":
         for t in range(len(fb)):
             def ref_logps(items):
@@ -220,7 +251,7 @@ def train_npo(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None
             ref[t] = item_values({i for micro in plan for tt, f, _, _ in micro if tt == t for i in f}, ref_logps,
                                  cfg.batch_size)
     if cfg.retain_loss == "kl":
-        W_ref = model.lm_head_weight.detach().clone()
+        W_ref = multigpu.full_tensor(model.lm_head_weight.detach()).clone()
         for r in range(len(rb)):
             def ref_hidden(items):
                 ids, mask = (x.to(device) for x in rb[r][items])
@@ -230,22 +261,31 @@ def train_npo(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None
                 return [h[b][keep[b]].to("cpu") for b in range(len(items))]
             ref_h[r] = item_values({i for micro in plan for _, _, rr_, rr in micro if rr_ == r for i in rr},
                                    ref_hidden, cfg.batch_size)
+    # what each forget term averages over: sequences (NPO, SimNPO) or target tokens (GradDiff)
+    f_count = targets_count if cfg.method == "graddiff" else (lambda ids, mask: ids.shape[0])
     params, hist, parts_hist = list(train.values()), [], []
     for s, micro, bar in training_steps(cfg, plan, opt, model, cfg.method, after_step):
         tot, tf, tr = 0.0, 0.0, 0.0
-        for t, f, r, rr in micro:
-            ids, mask = (x.to(device) for x in fb[t][f])
-            ref_f = torch.tensor([ref[t][i] for i in f], device=device) if ref else None
-            lf = forget_loss(cfg, model, ids, mask, ref_f)
+        for m, (t, f, r, rr) in enumerate(micro):
+            multigpu.set_gradient_sync(model, m == len(micro) - 1)   # FSDP2: reduce on the last micro-step only
+            rows, ids, mask, sf = rank_rows(world, *fb[t][f], f_count)
+            ids, mask = ids.to(device), mask.to(device)
+            ref_f = torch.tensor([ref[t][f[i]] for i in rows], device=device) if ref else None
+            lf = forget_loss(cfg, model, ids, mask, ref_f) * sf if world.size > 1 else \
+                forget_loss(cfg, model, ids, mask, ref_f)
             loss, lr_ = lf, torch.zeros(())
             if cfg.retain_loss != "none" and cfg.gamma:
-                rids, rmask = (x.to(device) for x in rb[r][rr])
+                rrows, rids, rmask, sr = rank_rows(world, *rb[r][rr], targets_count)
+                rids, rmask = rids.to(device), rmask.to(device)
                 lr_ = retain_ce(model, rids, rmask) if cfg.retain_loss == "gd" else \
-                    retain_kl(model, rids, rmask, torch.cat([ref_h[r][i] for i in rr]), W_ref)
+                    retain_kl(model, rids, rmask, torch.cat([ref_h[r][rr[i]] for i in rrows]), W_ref)
+                lr_ = lr_ * sr if world.size > 1 else lr_
                 loss = lf + cfg.gamma * lr_
             (loss / len(micro)).backward()
-            tot, tf, tr = tot + loss.item() / len(micro), tf + lf.item() / len(micro), tr + lr_.item() / len(micro)
-        finish_step(s, cfg, params, opt, bar, hist, parts_hist, tot, tf, tr)
+            n = world.size * len(micro)
+            tot, tf, tr = (tot + world.sum(loss.item()) / n, tf + world.sum(lf.item()) / n,
+                           tr + world.sum(lr_.item()) / n)
+        finish_step(s, cfg, params, opt, bar, hist, parts_hist, tot, tf, tr, world)
     return hist, parts_hist, {"n_reference_items": sum(len(v) for v in ref.values())}
 
 
@@ -278,9 +318,15 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
     when everything, the evaluation after training included, has finished; until then the previous run stays."""
     t_start = time.time()
     methods.check(cfg)
+    world = multigpu.World.from_env(cfg.device)   # torchrun's ranks, or one process
+    sharded = world.size > 1 and cfg.method != "rmu"   # the NPO family on FSDP2; RMU is data parallel
+    if world.size > 1 and (cfg.eval_every or wrap_optimizer is not None):
+        raise UnlearnError("--eval-every: one process only (the curve evaluates the model mid-run)")
+    cfg.progress = cfg.progress and world.main
     inputs = [cfg.model, *cfg.forget, *cfg.retain, cfg.coreset] + evaluate.task_files(cfg.eval_tasks, cfg.data)
-    check_output(cfg.out, inputs, "--out", ours=is_previous_run, overwrite=cfg.overwrite, name="unlearn")
-    device = torch.device(cfg.device)
+    world.on_main(lambda: check_output(cfg.out, inputs, "--out", ours=is_previous_run, overwrite=cfg.overwrite,
+                                       name="unlearn"))
+    device = torch.device(world.device)
     dtype = resolve_dtype(cfg.dtype, device)
     info = run_info(dict(given) if given is not None else None)
     forget_docs = [read_corpus(f, cfg.min_chars, raw=t in cfg.raw_json_topics) for t, f in enumerate(cfg.forget)]
@@ -289,10 +335,18 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
     retain_docs = read_corpora([cfg.retain[real.index(u)] for u in uniq], cfg.min_chars)
     retain_of = [uniq.index(r) for r in (real if len(real) > 1 else real * len(cfg.forget))]
     sel, forget_sel = select(cfg, forget_docs)
-    memory = methods.check_device_memory(cfg, device, dtype)
+    memory = methods.check_device_memory(cfg, device, dtype, shards=world.size if sharded else 1)
     settings = eval_settings(cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype, cfg.model)
     torch.manual_seed(cfg.seed)
-    model, tok = load(cfg.model, device, dtype)
+    base_eval = lambda m, t: evaluate_model(cfg, m, t, dtype, settings, True) if cfg.eval_tasks else (None, False)
+    if sharded:   # rank 0 scores the base in the run's dtype; then every rank holds its fp32 master shards
+        before, before_cached = world.on_main(lambda: base_eval(*load(cfg.model, device, dtype))) or (None, False)
+        model, tok = load(cfg.model, device, torch.float32)
+        multigpu.shard(model, world, dtype)
+    else:
+        model, tok = load(cfg.model, device, dtype)
+        before, before_cached = world.on_main(lambda: base_eval(model, tok)) or (None, False)
+    model.activation_checkpointing = getattr(cfg, "activation_checkpointing", False)
     fb, rb = budget.corpus_batches(cfg, tok, forget_sel, retain_docs)
     cfg.steps, rule = budget.resolve_steps(cfg, [len(d) for d in forget_docs], [len(b) for b in fb],
                                            [len(d) for d in retain_docs])
@@ -300,10 +354,9 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
                             retain_of, cfg.order, cfg.seed)
     spent = budget.budget_record(plan, rule, cfg.order, cfg.forget, [len(d) for d in forget_docs],
                                  [b.doc_of for b in fb], uniq, [b.doc_of for b in rb])
-    for line in budget.coverage_warnings(spent):
+    for line in budget.coverage_warnings(spent) if world.main else []:
         print(f"unlearn: warning: {line}", file=sys.stderr)
     out = Path(cfg.out)
-    before, before_cached = evaluate_model(cfg, model, tok, dtype, settings, True) if cfg.eval_tasks else (None, False)
     curve = [{"step": 0, "results": before}] if cfg.eval_every and cfg.eval_tasks else None
     curve_eval_s = [0.0]   # time in the curve's evaluations, kept out of train_s
 
@@ -319,44 +372,62 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     trainer = train_rmu if cfg.method == "rmu" else train_npo
-    hist, parts, extra = trainer(cfg, model, tok, fb, rb, plan, train, opt, device, after_step if curve else None)
+    hist, parts, extra = trainer(cfg, model, tok, fb, rb, plan, train, opt, device, after_step if curve else None,
+                                 world)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - t0 - curve_eval_s[0]
-    check_weights_finite(train, cfg.steps)
-    record = {
-        **info, "method": cfg.method, "seed": cfg.seed, "toy": methods.is_toy(cfg.model), "steps": cfg.steps,
-        "budget": spent, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "coreset": {"source": cfg.coreset or ("ratio" if cfg.ratio is not None else "all"), "ratio": cfg.ratio,
-                    "files": cfg.forget, "n_docs": [len(d) for d in forget_docs],
-                    "n_selected": [len(i) for i in sel], "indices": sel,
-                    "texts_from_coreset": any(t != d[i] for ts, d, idx in zip(forget_sel, forget_docs, sel)
-                                              for t, i in zip(ts, idx))},
-        "trained_params": list(train), "loss": hist, "loss_parts": parts, **extra,
-        "train_s": round(train_s, 3), "steps_per_s": cfg.steps / train_s if train_s > 0 else None,
-        "curve_eval_s": round(curve_eval_s[0], 3),
-        "peak_memory_bytes": peak_memory(device), "memory_estimate_bytes": memory,
-        "checkpoint": str(out / "model") if cfg.save else None,
-        "eval": {"tasks": cfg.eval_tasks, "settings": settings, "before": before, "before_cached": before_cached,
-                 "after": None},
-        "config": {"class": type(cfg).__name__, **asdict(cfg)}, "retain_of": retain_of,
-    }
-    with staged_dir(out) as stage:  # lands whole at the end of the block, or not at all
-        if cfg.save:
-            model.save_pretrained(stage / "model", tokenizer_dir=cfg.model)
+    tokens = sum(len(x) for micro in plan for t, f, r, rr in micro for x in fb[t].tokens(f) +
+                 (rb[r].tokens(rr) if cfg.method == "rmu" or cfg.retain_loss != "none" else []))
+    full = multigpu.full_state(model, world) if sharded else None   # a collective: every rank
+    peaks = world.gather(peak_memory(device))
+
+    def land():   # rank 0: the checkpoint, the evaluation after, run.json; written as one unit
+        final = model
+        if sharded:   # the base's files with the trained weights gathered from the shards, in the run's dtype
+            final, _ = load(cfg.model, device, dtype)
+            missing, unexpected = final.load_state_dict(full, strict=False)
+            if unexpected or set(missing) - ({"lm_head.weight"} if final.config.tie_word_embeddings else set()):
+                raise UnlearnError(f"gathered state does not match {cfg.model}: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+        check_weights_finite(trainable(final, cfg) if sharded else train, cfg.steps)
+        record = {
+            **info, "method": cfg.method, "seed": cfg.seed, "toy": methods.is_toy(cfg.model), "steps": cfg.steps,
+            "budget": spent, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "coreset": {"source": cfg.coreset or ("ratio" if cfg.ratio is not None else "all"), "ratio": cfg.ratio,
+                        "files": cfg.forget, "n_docs": [len(d) for d in forget_docs],
+                        "n_selected": [len(i) for i in sel], "indices": sel,
+                        "texts_from_coreset": any(t != d[i] for ts, d, idx in zip(forget_sel, forget_docs, sel)
+                                                  for t, i in zip(ts, idx))},
+            "trained_params": list(train), "loss": hist, "loss_parts": parts, **extra,
+            "train_s": round(train_s, 3), "steps_per_s": cfg.steps / train_s if train_s > 0 else None,
+            "tokens_per_s": tokens / train_s if train_s > 0 else None, "curve_eval_s": round(curve_eval_s[0], 3),
+            "peak_memory_bytes": peaks[0], "memory_estimate_bytes": memory,
+            "world": {"size": world.size, "parallel": "fsdp2" if sharded else "data" if world.size > 1 else None,
+                      "peak_memory_bytes_per_rank": peaks},
+            "checkpoint": str(out / "model") if cfg.save else None,
+            "eval": {"tasks": cfg.eval_tasks, "settings": settings, "before": before, "before_cached": before_cached,
+                     "after": None},
+            "config": {"class": type(cfg).__name__, **asdict(cfg)}, "retain_of": retain_of,
+        }
+        with staged_dir(out) as stage:  # lands whole at the end of the block, or not at all
+            if cfg.save:
+                final.save_pretrained(stage / "model", tokenizer_dir=cfg.model)
+            if cfg.eval_tasks:
+                record["eval"]["after"], _ = evaluate_model(cfg, final, tok, dtype, settings, False)
+                if curve is not None:
+                    record["curve"] = curve + [{"step": cfg.steps, "results": record["eval"]["after"]}]
+            record["time_s"] = round(time.time() - t_start, 3)
+            atomic_write_json(stage / "run.json", record)
         if cfg.eval_tasks:
-            record["eval"]["after"], _ = evaluate_model(cfg, model, tok, dtype, settings, False)
-            if curve is not None:
-                record["curve"] = curve + [{"step": cfg.steps, "results": record["eval"]["after"]}]
-        record["time_s"] = round(time.time() - t_start, 3)
-        atomic_write_json(stage / "run.json", record)
-    if cfg.eval_tasks:
-        print(evaluate.format_table(before, record["eval"]["after"], cfg.method, cfg.steps, train_s))
-    print(f"unlearn: {cfg.method} {cfg.steps} steps ({spent['epochs']:g} epochs, {spent['order']} order) in "
-          f"{train_s:.1f}s ({cfg.steps / max(train_s, 1e-9):.2f} steps/s), "
-          f"{sum(p['docs_seen'] for p in spent['forget'])} forget docs seen; wrote {out / 'run.json'}"
-          + (f" and {out / 'model'}" if cfg.save else ""))
-    return record
+            print(evaluate.format_table(before, record["eval"]["after"], cfg.method, cfg.steps, train_s))
+        print(f"unlearn: {cfg.method} {cfg.steps} steps ({spent['epochs']:g} epochs, {spent['order']} order) in "
+              f"{train_s:.1f}s ({cfg.steps / max(train_s, 1e-9):.2f} steps/s"
+              + (f", {world.size} processes" if world.size > 1 else "") + "), "
+              f"{sum(p['docs_seen'] for p in spent['forget'])} forget docs seen; wrote {out / 'run.json'}"
+              + (f" and {out / 'model'}" if cfg.save else ""))
+        return record
+    return world.on_main(land)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -436,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--retain-loss", choices=["gd", "kl", "none"])
     n.add_argument("--npo-mean-tokens", action=argparse.BooleanOptionalAction, help="token-mean log-probs in NPO")
     n.add_argument("--chunk-tokens", type=int, help="split documents into pieces of N tokens (MUSE); 0: truncate")
+    n.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each decoder block in the backward (less memory, about a third more compute)")
     return p
 
 

@@ -1,0 +1,168 @@
+"""The sweep's work queue, kept in the sweep directory itself: atomic claims, so that several workers (one per GPU,
+on one node or on many nodes sharing a file system) run every cell exactly once.
+
+    queue = CellQueue(out / "cells", stale_s=900)
+    for cell, claim in queue.claims(grid, name, is_done):   # cells this worker now owns
+        with claim:                                          # heartbeat while it runs; failure recorded
+            run_cell(...)
+    queue.failed_cells(grid, name)                           # cells that failed twice: reported, not retried
+
+A cell's directory holds, besides the cell's own outputs:
+  claim            created with O_CREAT | O_EXCL (atomic, NFS included): who runs the cell (host, pid, worker,
+                   attempt); its modification time is the heartbeat, renewed every stale_s / 4 while the cell runs.
+  attempts.jsonl   one line per start, finish, failure or takeover.
+A claim older than stale_s belongs to a worker that died (killed, node lost), and so does a claim by a process of
+this host that no longer runs: another worker takes it over by renaming it away (atomic: one taker wins) and
+claiming anew; Ctrl-C frees the cell at once. A cell is tried at most twice (a failure or a dead
+worker's claim counts as a try), then reported as failed. Cells already done (is_done) are skipped.
+"""
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+MAX_TRIES = 2
+
+
+def log(cdir: Path, event: str, **extra):
+    with open(cdir / "attempts.jsonl", "a") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+                            **extra}) + "\n")
+
+
+def tries(cdir: Path) -> int:
+    """Finished-or-abandoned tries of a cell: failures plus claims taken over from dead workers."""
+    try:
+        lines = [json.loads(x) for x in (cdir / "attempts.jsonl").read_text().splitlines() if x.strip()]
+    except OSError:
+        return 0
+    return sum(e["event"] in ("failed", "taken-over") for e in lines)
+
+
+class Claim:
+    """Owning one cell: a heartbeat thread while the block runs; on leaving, "done", or "failed" with the error
+    (the exception is swallowed, so the worker goes on with other cells; the cell may be retried once)."""
+
+    def __init__(self, queue, cdir: Path, worker: str):
+        self.queue, self.cdir, self.worker = queue, cdir, worker
+        self.stop = threading.Event()
+        self.error = None
+
+    def _beat(self):
+        while not self.stop.wait(self.queue.stale_s / 4):
+            try:
+                os.utime(self.cdir / "claim")
+            except OSError:
+                return
+
+    def __enter__(self):
+        log(self.cdir, "start", worker=self.worker)
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind, err, tb):
+        self.stop.set()
+        self.thread.join()
+        if kind is KeyboardInterrupt:   # Ctrl-C: this worker stops; the cell is free for the next one at once
+            log(self.cdir, "interrupted", worker=self.worker)
+            (self.cdir / "claim").unlink(missing_ok=True)
+            return False
+        if err is None:
+            log(self.cdir, "done", worker=self.worker)
+        else:
+            self.error = f"{kind.__name__}: {err}"
+            log(self.cdir, "failed", worker=self.worker, error=self.error)
+            print(f"sweep worker {self.worker}: cell {self.cdir.name} failed ({self.error}); "
+                  f"{'it will be retried' if tries(self.cdir) < MAX_TRIES else 'reported, not retried'}", flush=True)
+        try:
+            (self.cdir / "claim").unlink()
+        except OSError:
+            pass
+        return True
+
+
+class CellQueue:
+    def __init__(self, cells_dir, stale_s=900.0, worker=None, poll_s=None):
+        self.dir, self.stale_s = Path(cells_dir), float(stale_s)
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.poll_s = poll_s if poll_s is not None else min(30.0, self.stale_s / 4)
+
+    def try_claim(self, cdir: Path) -> bool:
+        """Claim a cell atomically; a stale claim (its worker dead) is taken over first."""
+        cdir.mkdir(parents=True, exist_ok=True)
+        claim = cdir / "claim"
+        try:
+            age = time.time() - claim.stat().st_mtime
+        except FileNotFoundError:
+            age = None
+        if age is not None:
+            if age < self.stale_s and not self.dead_here(claim):
+                return False
+            try:   # only one taker can rename the stale claim away
+                os.rename(claim, cdir / f"claim.stale.{self.worker.replace(':', '_')}.{time.time():.0f}")
+            except OSError:
+                return False
+            log(cdir, "taken-over", worker=self.worker, age_s=round(age, 1))
+        if tries(cdir) >= MAX_TRIES:
+            return False
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(),
+                                "time": time.time(), "try": tries(cdir) + 1}))
+        return True
+
+    @staticmethod
+    def dead_here(claim: Path) -> bool:
+        """A claim by a process of this host that no longer runs (a crashed or killed run here): no need to
+        wait for it to go stale."""
+        try:
+            info = json.loads(claim.read_text())
+            if info.get("host") != socket.gethostname():
+                return False
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return False
+
+    def claims(self, grid, name, is_done):
+        """Yield (cell, Claim) for each cell of `grid` this worker claims, until every cell is done, failed twice,
+        or (while others still run theirs) wait and look again: a dead worker's cells are taken over when its
+        claims go stale."""
+        while True:
+            waiting = ran = False
+            for cell in grid:
+                cdir = self.dir / name(cell)
+                if is_done(cell) or tries(cdir) >= MAX_TRIES:
+                    continue
+                if self.try_claim(cdir):
+                    if is_done(cell):   # finished between the check and the claim
+                        (cdir / "claim").unlink()
+                        continue
+                    ran = True
+                    yield cell, Claim(self, cdir, self.worker)
+                else:
+                    waiting = True
+            if not waiting and not ran:   # every cell done or given up
+                return
+            if not ran:
+                time.sleep(self.poll_s)
+
+    def failed_cells(self, grid, name) -> dict:
+        """name -> the last error of every cell tried MAX_TRIES times without a result."""
+        out = {}
+        for cell in grid:
+            cdir = self.dir / name(cell)
+            if tries(cdir) >= MAX_TRIES:
+                lines = [json.loads(x) for x in (cdir / "attempts.jsonl").read_text().splitlines() if x.strip()]
+                errs = [e.get("error") or f"worker {e['worker']} died" for e in lines
+                        if e["event"] in ("failed", "taken-over")]
+                out[name(cell)] = errs[-1]
+        return out

@@ -1,0 +1,170 @@
+"""More than one process (multigpu.py): torchrun with 2 gloo ranks on the CPU against one process on the same data.
+FSDP2 for the NPO family (fp32 parameters here; bf16 compute is for GPUs), data parallelism for RMU; the losses and
+the gathered checkpoints agree within 1e-5 relative (reduction order rules out bitwise equality), token-mean losses
+normalised by the global count with ranks that hold unequal rows and tokens, and a rank with an empty share."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import multigpu
+from infra import ROOT
+from model import Transformer
+from unlearn import rank_rows, targets_count
+
+from test_unlearn import tiny  # noqa: F401  (the tiny model and corpora fixture)
+
+pytestmark = pytest.mark.dist
+
+
+def unlearn(tiny, out, nproc, *extra):  # noqa: F811
+    args = ["unlearn.py", "--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"],
+            "--seed", "0", "--steps", "3", "--eval-tasks", "none", "--no-progress", "--device", "cpu",
+            "--out", str(out), *extra]
+    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                             if nproc > 1 else []), *args]
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "run.json").read_text())
+
+
+# Adam's eps is raised in these runs. With the default 1e-8, Adam's first steps move every weight by about +-lr
+# whatever the size of its gradient, so a gradient of 1e-9 that rounds differently in another summation order
+# moves its weight by an lr-sized different amount (measured: 2e-4 of the weights' scale on the toy). With eps 1e-3
+# the update is proportional to the gradient, and the checkpoints compare what sharding computes.
+CASES = {
+    "npo": ["--method", "npo", "--batch-size", "5", "--lr", "1e-2"],
+    "graddiff": ["--method", "graddiff", "--batch-size", "5", "--lr", "1e-2"],
+    "simnpo-kl": ["--method", "simnpo", "--retain-loss", "kl", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2"],
+    "npo-empty-rank": ["--method", "npo", "--batch-size", "1", "--lr", "1e-2"],
+    "npo-checkpointing": ["--method", "npo", "--batch-size", "5", "--lr", "1e-2", "--activation-checkpointing"],
+    "rmu": ["--method", "rmu", "--layer-id", "2", "--layer-ids", "1,2", "--batch-size", "5", "--lr", "1e-2"],
+    "rmu-empty-rank": ["--method", "rmu", "--layer-id", "2", "--layer-ids", "1,2", "--batch-size", "1", "--lr", "1e-2",
+                       "--no-masked-loss"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_compute_what_one_process_computes(tiny, tmp_path, case):  # noqa: F811
+    extra = CASES[case] + ["--adam-eps", "1e-3"]
+    one = unlearn(tiny, tmp_path / "one", 1, *extra)
+    two = unlearn(tiny, tmp_path / "two", 2, *extra)
+    assert two["world"]["size"] == 2 and len(two["world"]["peak_memory_bytes_per_rank"]) == 2
+    assert two["world"]["parallel"] == ("data" if case.startswith("rmu") else "fsdp2") and one["world"]["size"] == 1
+    assert len(one["loss"]) == len(two["loss"]) == 3
+    for a, b, p in zip(one["loss"], two["loss"], one["loss_parts"]):
+        # GradDiff's total is a difference of two terms: relative to their size, not to what is left of it
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-5 * (abs(p["forget"]) + abs(p["retain"]))), (one["loss"], two["loss"])
+    for a, b in zip(one["loss_parts"], two["loss_parts"]):
+        assert b["forget"] == pytest.approx(a["forget"], rel=1e-5, abs=1e-7)
+        assert b["retain"] == pytest.approx(a["retain"], rel=1e-5, abs=1e-7)
+    base = Transformer.from_pretrained(tiny["model"]).state_dict()
+    A = Transformer.from_pretrained(tmp_path / "one" / "model").state_dict()
+    B = Transformer.from_pretrained(tmp_path / "two" / "model").state_dict()
+    moved = 0
+    for k in A:
+        moved += not torch.equal(A[k], base[k])
+        assert torch.allclose(B[k], A[k], rtol=1e-5, atol=1e-5 * A[k].abs().max().item()), k
+    assert moved == len(one["trained_params"]) or (not case.startswith("rmu") and moved > 10)
+    assert two["checkpoint"] and (tmp_path / "two" / "model" / "tokenizer.json").is_file()
+
+
+class Rank(multigpu.World):
+    """A world of 2 seen from one rank, without processes (for the arithmetic of shares)."""
+
+
+def test_shares_weigh_each_ranks_mean_into_the_global_mean():
+    torch.manual_seed(0)
+    ids = torch.randint(5, 50, (5, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    mask[4, 8:] = 0                                                                     # unequal lengths
+    per_token = torch.rand(5, 9)
+    keep = torch.zeros(5, 9, dtype=torch.bool)
+    keep[:, :-1] = mask[:, 1:].bool()                                                   # next-token targets
+    global_mean = per_token[keep].mean()
+    parts = []
+    for r in range(2):
+        rows, i, m, share = rank_rows(Rank(rank=r, size=2), ids, mask, targets_count)
+        k = keep[rows]
+        parts.append(share * per_token[rows][k].mean())
+        assert rows == list(range(r, 5, 2)) and torch.equal(i, ids[rows])
+    assert sum(parts) / 2 == pytest.approx(global_mean.item(), rel=1e-6)   # FSDP2 averages: sum / W
+    assert targets_count(ids, mask) == int(keep.sum())
+    # a rank with no rows runs row 0 with weight 0; one process takes everything with weight 1
+    rows, i, _, share = rank_rows(Rank(rank=1, size=2), ids[:1], mask[:1], targets_count)
+    assert rows == [0] and share == 0.0
+    assert rank_rows(multigpu.World(), ids, mask, targets_count)[3] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------- sweep workers
+
+@pytest.mark.skipif(not (ROOT / "data/toy/model/model.safetensors").is_file(), reason="the embedded toy is not built")
+def test_sweep_workers_run_every_cell_once_even_when_one_is_killed(tmp_path):
+    """2 worker processes, 4 toy cells: one worker is killed (SIGKILL) in its first cell; the other takes the cell
+    over, and every cell finishes exactly once."""
+    import signal
+    import time
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "coreset_sweep.py", "--method", "rmu", "--ratios", "0.05 1.0", "--seeds", "0 1", "--steps",
+           "40", "--eval-limit", "8", "--workers", "2", "--claim-stale-s", "3", "--no-progress", "--device", "cpu",
+           "--out", str(out)]
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    main = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed, deadline = None, time.time() + 120
+    while killed is None and time.time() < deadline and main.poll() is None:
+        for claim in out.glob("cells/*/claim"):
+            try:
+                pid = json.loads(claim.read_text())["pid"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if pid != main.pid:
+                os.kill(pid, signal.SIGKILL)
+                killed = claim.parent.name
+                break
+        time.sleep(0.02)
+    stdout, stderr = main.communicate(timeout=600)
+    assert killed is not None, "no worker claim seen"
+    assert main.returncode == 0, stderr[-3000:]
+    cells = sorted(p.name for p in (out / "cells").iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(cells) == 4
+    for c in cells:
+        events = [json.loads(x)["event"] for x in (out / "cells" / c / "attempts.jsonl").read_text().splitlines()]
+        assert events.count("done") == 1 and (out / "cells" / c / "result.json").is_file(), (c, events)
+        assert not (out / "cells" / c / "claim").exists()
+    events = [json.loads(x) for x in (out / "cells" / killed / "attempts.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events][:2] == ["start", "taken-over"] and len({e["pid"] for e in events}) == 2
+    rec = json.loads((out / "results.json").read_text())
+    assert rec["cells_done"] == 4 and rec["failed_cells"] == {} and sorted(w["returncode"] for w in rec["workers"]) == [-9, 0]
+
+
+def test_a_cell_that_fails_is_retried_once_then_reported(tmp_path):
+    from sweep_queue import CellQueue
+    q = CellQueue(tmp_path, stale_s=60, poll_s=0.01)
+    runs = []
+    for cell, claim in q.claims(["a", "b"], str, lambda c: c == "b" and runs.count("b") > 0):
+        with claim:
+            runs.append(cell)
+            if cell == "a":
+                raise RuntimeError("out of memory")
+    assert runs == ["a", "b", "a"]   # a: tried, retried once; b: done
+    assert q.failed_cells(["a", "b"], str) == {"a": "RuntimeError: out of memory"}
+    # a claim held by a live worker elsewhere is waited for, not taken; a stale one is taken over
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "claim").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+    assert not q.try_claim(tmp_path / "c")
+    os.utime(tmp_path / "c" / "claim", (0, 0))
+    assert q.try_claim(tmp_path / "c")
+
+
+def test_activation_checkpointing_changes_no_number(tiny, tmp_path):  # noqa: F811
+    plain = unlearn(tiny, tmp_path / "plain", 1, "--method", "npo", "--batch-size", "5", "--lr", "1e-2")
+    ckpt = unlearn(tiny, tmp_path / "ckpt", 1, "--method", "npo", "--batch-size", "5", "--lr", "1e-2",
+                   "--activation-checkpointing")
+    assert ckpt["config"]["activation_checkpointing"] and not plain["config"]["activation_checkpointing"]
+    assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-6)
