@@ -166,8 +166,11 @@ muse-npo: $(SETUP)
 	$(MUSE_CHECK)
 	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),$(MUSE_TASKS),$(MUSE_FLAGS),$(MUSE_MODEL_DIR))
 
+# the RMU step (reference design vs ours), then a full-parameter NPO step sharded with FSDP2 over every GPU present
+NGPU = $(shell nvidia-smi -L 2>/dev/null | wc -l)
 bench-unlearn: $(SETUP)
 	$(PY) -m benches.unlearn_step
+	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(if $(filter-out 0,$(NGPU)),$(NGPU),1) -m benches.npo_step
 
 # --- coreset sweep (coreset_sweep.py: select, unlearn, evaluate per cell; table + plot; reruns skip finished cells)
 #   make sweep METHOD=rmu SELECT=random RATIOS="0.01 0.05 0.1 0.2 1.0" SEEDS="0 1 2" BUDGET=equal-steps [EPOCHS=1]

@@ -13,6 +13,10 @@ SHAPES = {
     "zephyr-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
                       rope_theta=10000.0, max_position_embeddings=32768, architecture="MistralForCausalLM"),
+    # a few MB: the CPU smoke tests of the benchmarks' code paths
+    "tiny": dict(vocab_size=1031, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=1024, architecture="MistralForCausalLM"),
 }
 
 

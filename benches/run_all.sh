@@ -3,7 +3,7 @@
 # for the GPU, then make bench (ours and eager; torch.compile last, as its compiles take minutes), make bench-unlearn
 # and make bench-eval on random 7B-shaped weights. Each step has its own time limit, so one that hangs leaves the
 # others' numbers, and each step's output goes to RUNS_DIR/bench/<step>.log as it runs (the benches' JSON records:
-# the last line of each log, and RUNS_DIR/bench/bench_eval.json). About 9.5 minutes at most.
+# the last line of each log, and RUNS_DIR/bench/bench_eval.json). About 11 minutes at most.
 #   PY=python3 bash benches/run_all.sh RUNS_DIR
 set -u
 RUNS=${1:-runs}
@@ -34,7 +34,7 @@ step kernel-tests 90 "$PY -m pytest -q -x -p no:cacheprovider tests/test_kernels
   "$PY -m pytest -q -x -p no:cacheprovider tests/test_kernels.py"
 step bench 150 "make --no-print-directory bench PY=$PY BENCH_FLAGS='--impls ours,eager'" \
   "$PY -m benches.kernels --impls ours,eager"
-step bench-unlearn 90 "make --no-print-directory bench-unlearn PY=$PY" "$PY -m benches.unlearn_step"
+step bench-unlearn 180 "make --no-print-directory bench-unlearn PY=$PY" "$PY -m benches.unlearn_step && $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m benches.npo_step"
 step bench-eval 150 "make --no-print-directory bench-eval PY=$PY SHAPE=zephyr-7b LIMIT=200 OUT=$RUNS" \
   "$PY $EVAL --random-shape zephyr-7b --out $LOGS/bench_eval.json"
 step bench-compile 100 "make --no-print-directory bench PY=$PY BENCH_FLAGS='--impls compile'" \

@@ -168,3 +168,16 @@ def test_activation_checkpointing_changes_no_number(tiny, tmp_path):  # noqa: F8
                    "--activation-checkpointing")
     assert ckpt["config"]["activation_checkpointing"] and not plain["config"]["activation_checkpointing"]
     assert ckpt["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+
+
+def test_the_fsdp2_npo_bench_runs_on_two_cpu_ranks():
+    """make bench-unlearn's FSDP2 NPO step, its code path on a tiny shape with 2 gloo ranks: one JSON line with a
+    time, the peak memory of both ranks and finite losses."""
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+                        "benches.npo_step", "--shape", "tiny", "--device", "cpu", "--seq", "32", "--steps", "2",
+                        "--warmup", "1"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["world_size"] == 2 and len(rec["peak_gib_per_rank"]) == 2 and rec["ms_per_step"] > 0
+    assert len(rec["losses"]) == 3 and all(torch.isfinite(torch.tensor(rec["losses"])))
