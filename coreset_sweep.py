@@ -87,6 +87,8 @@ def build_parser():
                              "system can work on one sweep)")
     w.add_argument("--gpus", default=None, help="one worker process per GPU, e.g. 0,1,2,3 (CUDA_VISIBLE_DEVICES)")
     w.add_argument("--workers", type=int, default=1, help="worker processes on this machine (without --gpus)")
+    w.add_argument("--procs-per-cell", type=int, default=1, help="each cell's unlearning on a torchrun group of this "
+                   "many processes (GPUs): with --gpus 0,1,2,3 and 2, two workers of two GPUs each")
     w.add_argument("--claim-stale-s", type=float, default=900.0,
                    help="a claim not renewed for this long belongs to a dead worker and is taken over")
     w.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: run as a worker of this args file
@@ -168,7 +170,17 @@ def run_cell(args, sel, ratio, seed, sizes, cache, spend):
         selection = coreset.select(scfg, cache=cache)
         coreset_file = str(cdir / "selection" / "coreset.jsonl")
     given = unlearn_overrides(args, seed, cdir, coreset_file, spend)
-    rec = unlearn.run(methods.resolve(given), given=given)
+    if args.procs_per_cell > 1:   # the cell's unlearning on its own torchrun group (this worker's GPUs)
+        methods.resolve(dict(given))   # every setting checked here, before the group starts
+        atomic_write_json(cdir / "unlearn_settings.json", given)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc-per-node={args.procs_per_cell}", str(Path(unlearn.__file__).resolve()),
+                            "--settings-file", str(cdir / "unlearn_settings.json")])
+        if r.returncode:
+            raise CoresetError(f"cell {cdir.name}: torchrun unlearn.py exited with {r.returncode}")
+        rec = json.loads((cdir / "run" / "run.json").read_text())
+    else:
+        rec = unlearn.run(methods.resolve(given), given=given)
     ev = rec.get("eval") or {}
     result = {
         "select": sel, "ratio": ratio, "seed": seed, "method": args.method, "policy": spend,
@@ -377,7 +389,7 @@ def sweep(args):
     if not args.report_only:
         todo = [g for g in grid if not finished(out / "cells" / name(g), spend)]
         print(f"coreset sweep: {len(grid)} cells, {len(grid) - len(todo)} done, {len(todo)} to run -> {out}")
-        if (len(gpus) if gpus else args.workers) > 1 and not args.worker:
+        if (gpus or args.workers > 1) and not args.worker:   # (--gpus: each worker sees only its own GPUs)
             record["workers"] = launch_workers(args, gpus)
         else:
             cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)
@@ -401,19 +413,22 @@ def sweep(args):
 
 def launch_workers(args, gpus) -> list:
     """Run the grid on one worker process per GPU (or --workers processes), each the same sweep reading its
-    settings from --out/worker_args.json, and wait for them -> [{gpu, returncode}]. A worker that dies leaves
+    settings from --out/worker_args.json, and wait for them -> [{gpus, pid, returncode}]. A worker that dies leaves
     its cell's claim to go stale; the others take it over."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("gpus", "workers", "worker")}
     atomic_write_json(out / "worker_args.json", settings)
-    procs = []
-    for i in range(len(gpus) if gpus else args.workers):
-        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}))
+    procs, k = [], args.procs_per_cell
+    if gpus and (len(gpus) % k or len(gpus) < k):
+        raise CoresetError(f"--gpus {','.join(gpus)}: expected a multiple of --procs-per-cell {k}")
+    groups = [",".join(gpus[i:i + k]) for i in range(0, len(gpus), k)] if gpus else None
+    for i in range(len(groups) if gpus else args.workers):
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": groups[i]} if gpus else {}))
         procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker",
                                        str(out / "worker_args.json")], env=env))
-    print(f"coreset sweep: {len(procs)} workers" + (f" on GPUs {','.join(gpus)}" if gpus else ""), flush=True)
-    done = [{"gpu": gpus[i] if gpus else None, "pid": p.pid, "returncode": p.wait()} for i, p in enumerate(procs)]
+    print(f"coreset sweep: {len(procs)} workers" + (f" on GPUs {' | '.join(groups)}" if gpus else ""), flush=True)
+    done = [{"gpus": groups[i] if gpus else None, "pid": p.pid, "returncode": p.wait()} for i, p in enumerate(procs)]
     for d in done:
         if d["returncode"]:
             print(f"coreset sweep: worker {d['pid']} exited with {d['returncode']}; its unfinished cell, if any, "

@@ -40,6 +40,7 @@ Evaluation before and after uses the evaluator's settings (--eval-preset, --eval
 <out>/../.eval_cache/ (keyed by model files, data, tasks, limit, dtype and the evaluator's settings).
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -438,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Defaults: the reference recipe of the method (the toy's own on the toy model); "
                                 "--print-config shows them.", argument_default=argparse.SUPPRESS)
     p.add_argument("--print-config", action="store_true", default=False, help="print the resolved settings and exit")
+    p.add_argument("--settings-file", help="JSON of settings (as methods.resolve takes them); flags override it")
     p.add_argument("--method", help="rmu | npo | graddiff | simnpo (default rmu)")
     p.add_argument("--model", help="Hugging Face Llama/Mistral checkpoint directory (default: the embedded toy)")
     p.add_argument("--forget", help="forget corpora FILE[,FILE] (one per topic)")
@@ -521,7 +523,12 @@ def overrides_from_argv(argv) -> dict:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "print_config"}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("print_config", "settings_file")}
+    if getattr(args, "settings_file", None):   # a config object another script wrote (the sweep's torchrun cells)
+        try:
+            overrides = {**json.loads(Path(args.settings_file).read_text()), **overrides}
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: --settings-file {args.settings_file}: {e}")
 
     def work():
         cfg = methods.resolve(overrides)

@@ -181,3 +181,22 @@ def test_the_fsdp2_npo_bench_runs_on_two_cpu_ranks():
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     assert rec["world_size"] == 2 and len(rec["peak_gib_per_rank"]) == 2 and rec["ms_per_step"] > 0
     assert len(rec["losses"]) == 3 and all(torch.isfinite(torch.tensor(rec["losses"])))
+
+
+@pytest.mark.skipif(not (ROOT / "data/toy/model/model.safetensors").is_file(), reason="the embedded toy is not built")
+def test_a_sweep_cell_can_run_on_its_own_torchrun_group(tmp_path):
+    """--procs-per-cell 2: each cell's unlearning runs under torchrun on 2 ranks (here gloo), from the settings the
+    sweep wrote; its accuracies are those of the in-process cell."""
+    common = ["--method", "rmu", "--ratios", "0.05", "--seeds", "0", "--steps", "20", "--eval-limit", "12",
+              "--no-progress", "--device", "cpu"]
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")
+    for name, extra in (("one", []), ("group", ["--procs-per-cell", "2"])):
+        r = subprocess.run([sys.executable, "coreset_sweep.py", *common, *extra, "--out", str(tmp_path / name)],
+                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    cell = "cells/random_r0.05_s0"
+    one, group = (json.loads((tmp_path / n / cell / "result.json").read_text()) for n in ("one", "group"))
+    run = json.loads((tmp_path / "group" / cell / "run" / "run.json").read_text())
+    assert run["world"] == {**run["world"], "size": 2, "parallel": "data"}
+    assert json.loads((tmp_path / "group" / cell / "unlearn_settings.json").read_text())["seed"] == 0
+    assert group["after"] == pytest.approx(one["after"], abs=0.5 / 12) and group["steps"] == one["steps"] == 20
