@@ -88,6 +88,11 @@ def next_token_targets(ids, mask):
     return tgt
 
 
+def count_targets(ids, mask) -> int:
+    """The number of next-token targets of a batch: what a token-mean loss averages over."""
+    return int((next_token_targets(ids, mask) != -100).sum())
+
+
 def npo_loss(logp, ref_logp, beta):
     """(S,) NPO loss per sequence from sequence log-probs under the model and the reference."""
     return -(2.0 / beta) * F.logsigmoid(-beta * (logp - ref_logp))

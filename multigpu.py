@@ -1,8 +1,8 @@
 """More than one process (torchrun): the ranks, FSDP2 for the NPO family, data parallelism for RMU.
 
     world = World.from_env(device)          # torchrun's WORLD_SIZE / RANK / LOCAL_RANK; one process: size 1
-    rows = world.rows(n)                    # this rank's rows of a global batch of n: r, r + W, r + 2W, ...
-    loss * world.share(local, total)        # so that the ranks' averaged gradients are one process's gradient
+    rows, ids, mask, share = world.take(ids, mask, count)   # this rank's rows r, r + W, ... of a global batch
+    loss * share                            # so that the ranks' averaged gradients are one process's gradient
     shard(model, world, param_dtype)        # FSDP2: fully_shard per decoder block, then the root (NPO family)
     world.average_grads(params)             # RMU: all-reduce the trained matrices' gradients only
     full = full_state(model, world)         # every parameter gathered (a collective); on rank 0 only
@@ -57,6 +57,18 @@ class World:
     def rows(self, n) -> list:
         """This rank's rows of a global batch of n rows (possibly none)."""
         return list(range(self.rank, n, self.size))
+
+    def take(self, ids, mask, count):
+        """This rank's rows of a global batch (already padded to its longest row) -> (row indices, ids, mask,
+        share): count(ids, mask) counts what the loss averages over (sequences, target tokens, positions), and
+        share weighs the rank's mean so that the ranks' averaged gradients are the global mean's. One process:
+        every row, share 1. A rank with no rows runs row 0 with share 0, so it still takes part in every collective."""
+        if self.size == 1:
+            return list(range(ids.shape[0])), ids, mask, 1.0
+        rows = self.rows(ids.shape[0])
+        local = count(ids[rows], mask[rows]) if rows else 0
+        use = rows or [0]
+        return use, ids[use], mask[use], self.share(local, count(ids, mask))
 
     def share(self, local, total) -> float:
         """The weight of this rank's mean (over `local` of the global batch's `total` counted elements): the

@@ -7,6 +7,7 @@ trained on a coreset of the forget set, evaluated before and after.
     python unlearn.py --method rmu --model DIR --forget bio.jsonl,cyber.jsonl --retain wikitext.txt \
         --ratio 0.05 --data DATA --eval-tasks wmdp_bio,wmdp_cyber,mmlu --out runs/rmu
     python unlearn.py --method npo --coreset coreset.jsonl ...  # a coreset written by coreset.py
+    python -m torch.distributed.run --standalone --nproc-per-node 4 unlearn.py --method npo ...   # 4 GPUs
 
 In process: `record = run(methods.resolve({...}))`. Settings and their defaults live in methods.py (one function
 resolves them); the math in losses.py; this file holds the loops. The record is run.json: the resolved config,
@@ -31,6 +32,10 @@ batch; fp32 master weights and Adam state for bf16 weights (--no-fp32-optimizer-
 graddiff forget terms + gamma * CE_retain (gd) or KL(ref || current) (kl). Reference
 log-probs are computed once before training (no second model resident); every log-prob goes through
 lpkernels.fused_sequence_loss / fused_logprob (the (N, V) logits never exist), except the KL term.
+
+Under torchrun (multigpu.py) the NPO family is sharded with FSDP2 and RMU runs data parallel; each rank takes its rows
+of every global batch and the losses are weighed so that the run computes what one process computes. Rank 0
+evaluates, gathers the weights and writes the outputs.
 
 Outputs in --out: model/ (Hugging Face layout, tokenizer copied) and run.json, written atomically. A non-finite
 loss, or a non-finite weight after the last update, stops the run before anything is written. On a GPU the memory
@@ -170,22 +175,6 @@ def check_weights_finite(train: dict, steps):
                                "checkpoint written (try a lower --lr or --max-grad-norm)")
 
 
-def rank_rows(world, ids, mask, count):
-    """This rank's rows of a global batch (already padded to its longest row) -> (row indices, ids, mask, share):
-    share weighs the rank's mean so that the ranks' averaged gradients are the global mean's (multigpu.World.share);
-    count(ids, mask) counts what the loss averages over (sequences, target tokens, positions). One process: all."""
-    if world.size == 1:
-        return list(range(ids.shape[0])), ids, mask, 1.0
-    rows = world.rows(ids.shape[0])
-    local = count(ids[rows], mask[rows]) if rows else 0
-    use = rows or [0]   # an empty share still runs (weight 0): every rank takes part in every collective
-    return use, ids[use], mask[use], world.share(local, count(ids, mask))
-
-
-def targets_count(ids, mask):
-    return int((losses.next_token_targets(ids, mask) != -100).sum())
-
-
 def train_rmu(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None, world=multigpu.World()):
     n_topics = len(fb)
     coeffs, alphas = per_topic(cfg.steering_coeffs, n_topics), per_topic(cfg.alpha, n_topics)
@@ -208,12 +197,12 @@ def train_rmu(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None
         tot, tf, tr = 0.0, 0.0, 0.0
         for t, f, r, rr in micro:
             def fwd_f():
-                _, ids, mask, share = rank_rows(world, *fb[t][f], n_counted)
+                _, ids, mask, share = world.take(*fb[t][f], n_counted)
                 ids, mask = ids.to(device), mask.to(device)
                 return rmu.trunk(ids, mask), mask, counted(ids, mask), share
 
             def fwd_r():
-                _, ids, mask, share = rank_rows(world, *rb[r][rr], n_counted)
+                _, ids, mask, share = world.take(*rb[r][rr], n_counted)
                 ids, mask = ids.to(device), mask.to(device)
                 h = rmu.trunk(ids, mask)
                 return h, mask, rmu.frozen_acts(h, mask), counted(ids, mask), share
@@ -263,20 +252,20 @@ def train_npo(cfg, model, tok, fb, rb, plan, train, opt, device, after_step=None
             ref_h[r] = item_values({i for micro in plan for _, _, rr_, rr in micro if rr_ == r for i in rr},
                                    ref_hidden, cfg.batch_size)
     # what each forget term averages over: sequences (NPO, SimNPO) or target tokens (GradDiff)
-    f_count = targets_count if cfg.method == "graddiff" else (lambda ids, mask: ids.shape[0])
+    f_count = losses.count_targets if cfg.method == "graddiff" else (lambda ids, mask: ids.shape[0])
     params, hist, parts_hist = list(train.values()), [], []
     for s, micro, bar in training_steps(cfg, plan, opt, model, cfg.method, after_step):
         tot, tf, tr = 0.0, 0.0, 0.0
         for m, (t, f, r, rr) in enumerate(micro):
             multigpu.set_gradient_sync(model, m == len(micro) - 1)   # FSDP2: reduce on the last micro-step only
-            rows, ids, mask, sf = rank_rows(world, *fb[t][f], f_count)
+            rows, ids, mask, sf = world.take(*fb[t][f], f_count)
             ids, mask = ids.to(device), mask.to(device)
             ref_f = torch.tensor([ref[t][f[i]] for i in rows], device=device) if ref else None
             lf = forget_loss(cfg, model, ids, mask, ref_f) * sf if world.size > 1 else \
                 forget_loss(cfg, model, ids, mask, ref_f)
             loss, lr_ = lf, torch.zeros(())
             if cfg.retain_loss != "none" and cfg.gamma:
-                rrows, rids, rmask, sr = rank_rows(world, *rb[r][rr], targets_count)
+                rrows, rids, rmask, sr = world.take(*rb[r][rr], losses.count_targets)
                 rids, rmask = rids.to(device), rmask.to(device)
                 lr_ = retain_ce(model, rids, rmask) if cfg.retain_loss == "gd" else \
                     retain_kl(model, rids, rmask, torch.cat([ref_h[r][rr[i]] for i in rrows]), W_ref)

@@ -13,7 +13,7 @@ import torch
 import multigpu
 from infra import ROOT
 from model import Transformer
-from unlearn import rank_rows, targets_count
+from losses import count_targets
 
 from test_unlearn import tiny  # noqa: F401  (the tiny model and corpora fixture)
 
@@ -90,16 +90,16 @@ def test_shares_weigh_each_ranks_mean_into_the_global_mean():
     global_mean = per_token[keep].mean()
     parts = []
     for r in range(2):
-        rows, i, m, share = rank_rows(Rank(rank=r, size=2), ids, mask, targets_count)
+        rows, i, m, share = Rank(rank=r, size=2).take(ids, mask, count_targets)
         k = keep[rows]
         parts.append(share * per_token[rows][k].mean())
         assert rows == list(range(r, 5, 2)) and torch.equal(i, ids[rows])
     assert sum(parts) / 2 == pytest.approx(global_mean.item(), rel=1e-6)   # FSDP2 averages: sum / W
-    assert targets_count(ids, mask) == int(keep.sum())
+    assert count_targets(ids, mask) == int(keep.sum())
     # a rank with no rows runs row 0 with weight 0; one process takes everything with weight 1
-    rows, i, _, share = rank_rows(Rank(rank=1, size=2), ids[:1], mask[:1], targets_count)
+    rows, i, _, share = Rank(rank=1, size=2).take(ids[:1], mask[:1], count_targets)
     assert rows == [0] and share == 0.0
-    assert rank_rows(multigpu.World(), ids, mask, targets_count)[3] == 1.0
+    assert multigpu.World().take(ids, mask, count_targets)[3] == 1.0
 
 
 # ----------------------------------------------------------------------------------------------- sweep workers
