@@ -285,14 +285,14 @@ def main_work(args):
     forget = split_list(args.forget, "--forget")
     models = arms_mod.given_models(args.models) if args.models else None
     inputs = [args.base, *forget, args.retain, *(models or {}).values()] + evaluate.task_files(tasks, args.data)
+    loaded = load_tasks(args, tasks)
+    arm_specs = arms_mod.parse_arms(args.arms)
     check_output(Path(args.out) / "results.json", inputs, "--out", kind="file",
                  ours=lambda p: is_results_file(p, "prefix_len"), name="jailbreak")
-    loaded = load_tasks(args, tasks)
     _, items, topic, form = loaded[attacked]
     train, held_out = split_questions(len(items), args.train_questions, args.attack_seed)
     settings = eval_settings(args.eval_preset, None, None, args.base)
     record = run_info(args)
-    arm_specs = arms_mod.parse_arms(args.arms)
     n_models = len(models) if models else len(arm_specs)
     mc = json.loads((Path(next(iter(models.values())) if models else args.base) / "config.json").read_text())
     n_q = sum(len(v[1]) for v in loaded.values())

@@ -285,6 +285,7 @@ def main_work(args):
     forget = split_list(args.forget, "--forget")
     inputs = [args.base, *forget, args.retain] + evaluate.task_files(tasks, args.data)
     models = arms_mod.given_models(args.models) if args.models else None
+    arm_specs = arms_mod.parse_arms(args.arms)
     inputs += list((models or {}).values())
     check_output(Path(args.out) / "results.json", inputs, "--out", kind="file",
                  ours=lambda p: is_results_file(p, "documents"), name="relearn")
@@ -293,7 +294,6 @@ def main_work(args):
     record = run_info(args)
     n_q = sum(len(evaluate.load_mc_task(t, args.data, args.eval_limit)[1]) for t in tasks if t not in data.MUSE_TASKS)
     mc = json.loads((Path(models[next(iter(models))] if models else args.base) / "config.json").read_text())
-    arm_specs = arms_mod.parse_arms(args.arms)
     n_models = len(models) if models else len(arm_specs)
     est = budget.gpu_estimate(methods.param_counts(mc)[0],
                               train_tokens=n_models * sum(budgets) * att["batch_size"] * att["max_len"],

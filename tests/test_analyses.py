@@ -313,3 +313,18 @@ def test_relearning_settings_are_the_literatures_except_on_the_toy(tiny):  # noq
     assert R.attack_settings(R.build_parser().parse_args(["--lr", "2e-4"]))["lr"] == 2e-4
     with pytest.raises(ProjectError, match="--batch-size 0"):
         R.attack_settings(R.build_parser().parse_args(["--batch-size", "0"]))
+
+
+def test_the_analyses_refuse_bad_flags_in_one_line_before_any_work(tmp_path):
+    cases = [(J.main, ["--prefix-len", "0"], "--prefix-len 0: expected a positive number"),
+             (J.main, ["--tasks", "toy_general"], "no forget task to attack"),
+             (J.main, ["--tasks", "muse_toy,toy_general", "--task", "muse_toy"], "not a multiple-choice task"),
+             (J.main, ["--models", "nothing-here"], "expected NAME=CHECKPOINT_DIR"),
+             (R.main, ["--steps=-1,5"], "expected step counts >= 0"),
+             (R.main, ["--arms", "full,2"], "expected a ratio in (0, 1)"),
+             (C.main, ["--points", "1"], "--points 1")]
+    for main, argv, msg in cases:
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(tmp_path / "o"), "--no-progress"])
+        assert msg in str(e.value.code) and "\n" not in str(e.value.code), (argv, e.value.code)
+        assert not (tmp_path / "o").exists()

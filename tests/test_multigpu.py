@@ -200,3 +200,18 @@ def test_a_sweep_cell_can_run_on_its_own_torchrun_group(tmp_path):
     assert run["world"] == {**run["world"], "size": 2, "parallel": "data"}
     assert json.loads((tmp_path / "group" / cell / "unlearn_settings.json").read_text())["seed"] == 0
     assert group["after"] == pytest.approx(one["after"], abs=0.5 / 12) and group["steps"] == one["steps"] == 20
+
+
+def test_bad_settings_files_and_gpu_groups_are_refused_in_one_line(tmp_path):
+    import coreset_sweep
+    import unlearn
+    with pytest.raises(SystemExit) as e:
+        unlearn.main(["--settings-file", str(tmp_path / "missing.json")])
+    assert "--settings-file" in str(e.value.code) and "\n" not in str(e.value.code)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        unlearn.main(["--settings-file", str(tmp_path / "bad.json")])
+    assert "--settings-file" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        coreset_sweep.main(["--gpus", "0,1,2", "--procs-per-cell", "2", "--steps", "3", "--out", str(tmp_path / "s")])
+    assert "expected a multiple of --procs-per-cell 2" in str(e.value.code)
