@@ -167,7 +167,7 @@ muse-npo: $(SETUP)
 	$(call unlearn,npo,$(MUSE_FORGET),$(MUSE_RETAIN),$(MUSE_TASKS),$(MUSE_FLAGS),$(MUSE_MODEL_DIR))
 
 # the RMU step (reference design vs ours), then a full-parameter NPO step sharded with FSDP2 over every GPU present
-NGPU = $(shell nvidia-smi -L 2>/dev/null | wc -l)
+NGPU = $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
 bench-unlearn: $(SETUP)
 	$(PY) -m benches.unlearn_step
 	$(PY) -m torch.distributed.run --standalone --nproc-per-node $(if $(filter-out 0,$(NGPU)),$(NGPU),1) -m benches.npo_step

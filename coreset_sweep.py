@@ -89,6 +89,7 @@ def build_parser():
     w.add_argument("--workers", type=int, default=1, help="worker processes on this machine (without --gpus)")
     w.add_argument("--procs-per-cell", type=int, default=1, help="each cell's unlearning on a torchrun group of this "
                    "many processes (GPUs): with --gpus 0,1,2,3 and 2, two workers of two GPUs each")
+    w.add_argument("--retry-failed", action="store_true", help="give cells that failed twice two more tries")
     w.add_argument("--claim-stale-s", type=float, default=900.0,
                    help="a claim not renewed for this long belongs to a dead worker and is taken over")
     w.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # internal: run as a worker of this args file
@@ -386,15 +387,17 @@ def sweep(args):
     queue = sweep_queue.CellQueue(out / "cells", args.claim_stale_s)
     name = lambda g: cell_name(*g)
     gpus = split_list(args.gpus, "--gpus") if args.gpus else None
+    is_done = lambda g: finished(out / "cells" / name(g), spend)
+    if args.retry_failed and not args.worker:
+        queue.retry_failed(grid, name, is_done)
     if not args.report_only:
-        todo = [g for g in grid if not finished(out / "cells" / name(g), spend)]
+        todo = [g for g in grid if not is_done(g)]
         print(f"coreset sweep: {len(grid)} cells, {len(grid) - len(todo)} done, {len(todo)} to run -> {out}")
         if (gpus or args.workers > 1) and not args.worker:   # (--gpus: each worker sees only its own GPUs)
             record["workers"] = launch_workers(args, gpus)
         else:
             cache = {}   # selection scores per (method, file): scored once for every ratio (GraNd: per seed)
-            for i, ((s, r, seed), claim) in enumerate(queue.claims(grid, name, lambda g: finished(
-                    out / "cells" / name(g), spend))):
+            for i, ((s, r, seed), claim) in enumerate(queue.claims(grid, name, is_done)):
                 print(f"--- cell {i + 1} of {len(todo)} to run: select={s} ratio={r:g} seed={seed} "
                       f"({time.time() - t0:.0f}s elapsed)", flush=True)
                 with claim:
@@ -404,7 +407,7 @@ def sweep(args):
                            with_plot=False)
     if args.worker:
         return None
-    record["failed_cells"] = queue.failed_cells(grid, name)
+    record["failed_cells"] = queue.failed_cells(grid, name, is_done)
     for cell, err in record["failed_cells"].items():
         print(f"coreset sweep: cell {cell} failed twice, not retried: {err}", file=sys.stderr)
     record["timings"]["total_s"] = time.time() - t0
@@ -417,7 +420,7 @@ def launch_workers(args, gpus) -> list:
     its cell's claim to go stale; the others take it over."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("gpus", "workers", "worker")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("gpus", "workers", "worker", "retry_failed")}
     atomic_write_json(out / "worker_args.json", settings)
     procs, k = [], args.procs_per_cell
     if gpus and (len(gpus) % k or len(gpus) < k):

@@ -101,12 +101,22 @@ class Attack:
         self.allowed = torch.zeros(V, dtype=torch.bool)
         self.allowed[:len(texts)] = torch.tensor([bool(t) and "\ufffd" not in t and t.isprintable() for t in texts])
 
+    def context_tokens(self, text):
+        """The tokens `text` becomes in place, inside the first question's prompt: those whose characters lie in
+        it; None when a token straddles its start (merged with what precedes). A text's tokens on their own are not
+        these: a byte-level BPE splits the newlines before it differently, SentencePiece marks a word start after a
+        newline differently."""
+        ctx = evaluate.mc_pairs(with_prefix(self.items[:1], text), self.topic, self.form)[0][0]
+        at = ctx.find(text)
+        ids, spans = self.tok.encode_with_offsets(ctx[:at + len(text)])
+        if any(a < at < b for a, b in spans):
+            return None
+        return [i for i, (a, _) in zip(ids, spans) if a >= at] or None
+
     def rows(self, prefix):
         """score_rows' rows of the K questions with this prefix and where the prefix sits in each, or None when the
-        prefix's text does not tokenize back to these tokens inside every prompt."""
+        prompts lm-eval builds around the prefix's text do not all contain exactly these tokens."""
         text = self.tok.decode(prefix)
-        if encode(self.tok, text, bos=False) != list(prefix):
-            return None
         pairs = [(ctx, [conts[t]]) for (ctx, conts), t in
                  zip(evaluate.mc_pairs(with_prefix(self.items, text), self.topic, self.form), self.targets)]
         reqs = choice_requests(self.tok, pairs, self.bos)
@@ -180,17 +190,17 @@ def gcg_step(attack, prefix, topk, n_candidates, gen):
     return list(cands[best]), losses[best], sum(math.isfinite(v) for v in losses)
 
 
-def initial_prefix(tok, P):
-    """P copies of one printable token whose repetition tokenizes back to itself ("!" as in GCG, else another)."""
-    for s in ("!", " !", " x", "x", "."):
-        ids = encode(tok, s, bos=False)
-        if len(ids) == 1 and encode(tok, tok.decode(ids * P), bos=False) == ids * P:
-            return ids * P
-    for i in range(tok.vocab_size):
-        t = tok.decode([i])
-        if t.isprintable() and t.strip() and encode(tok, tok.decode([i] * P), bos=False) == [i] * P:
-            return [i] * P
-    raise ProjectError("no token of the tokenizer repeats cleanly; cannot start the prefix")
+def initial_prefix(attack, P):
+    """GCG's start, "! ! ! ..." (P words), as the P tokens it becomes inside the prompts; another filler word when
+    that one does not give P tokens that survive tokenization in place."""
+    tok = attack.tok
+    words = ["!", "x", ".", "a", "the"] + [tok.decode([i]).strip() for i in range(min(tok.vocab_size, 5000))]
+    for w in dict.fromkeys(x for x in words if x and x.isprintable() and " " not in x):
+        ids = attack.context_tokens(" ".join([w] * P))
+        if ids and len(ids) == P and attack.rows(ids) is not None:
+            return ids
+    raise ProjectError(f"--prefix-len {P}: no filler word gives {P} tokens that keep their tokens inside the "
+                       "prompts; cannot start GCG")
 
 
 def run_gcg(attack, prefix, steps, topk, n_candidates, seed, progress=False, desc="gcg"):
@@ -311,7 +321,7 @@ def main_work(args):
                                      form=form)
     targets = [evaluate.argmax_first(x) for x in lls]
     base_acc = accuracies(base, tok, loaded, attacked, held_out, None, args, settings)
-    start = initial_prefix(tok, args.prefix_len)
+    start = initial_prefix(Attack(base, tok, train_items, targets, topic, form, settings["bos"]), args.prefix_len)
     del base
     results = [attack_model(args, name, d, train_items, targets, start, loaded, attacked, held_out, search,
                             settings) for name, d in models.items()]

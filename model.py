@@ -504,6 +504,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str) -> tuple:
+        """(ids, [(start, end) character span of each]) without special tokens."""
+        e = self.tok.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
     def encode_batch(self, texts: list, add_special_tokens: bool = True) -> list:
         return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 

@@ -16,6 +16,7 @@ gradient. A rank whose share of a short batch is empty runs row 0 with weight 0,
 every collective. Backend: NCCL on GPUs (one per rank, cuda:LOCAL_RANK), gloo on CPUs (the tests).
 REFERENCE section 11 has the FSDP2 facts this follows.
 """
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -50,8 +51,8 @@ class World:
                 raise ProjectError(f"torchrun: LOCAL_RANK {local} but this machine has {torch.cuda.device_count()} "
                                    "GPU(s); give --nproc-per-node at most that")
             torch.cuda.set_device(local)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+        if not dist.is_initialized():   # rank 0 alone evaluates and writes while the others wait: a long timeout
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=4))
         return cls(dist.get_rank(), dist.get_world_size(), local, f"cuda:{local}" if cuda else "cpu")
 
     def rows(self, n) -> list:

@@ -305,6 +305,11 @@ def main_work(args):
         common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
         models = arms_mod.train_arms(arm_specs, common, Path(args.out) / "arms", not args.no_progress)
     seen = {name: arms_mod.seen_documents(d, forget) for name, d in models.items()}
+    for name, s in seen.items():   # run.json's indices count the documents unlearn.py read (after --min-chars)
+        if s and s["n_docs"] != [len(c) for c in corpora]:
+            raise ProjectError(f"{models[name]}: trained on {s['n_docs']} documents of {', '.join(forget)}, which has "
+                               f"{[len(c) for c in corpora]} here (a --min-chars filter?); its coreset indices "
+                               "would point at other documents")
     docs = draw_documents([len(c) for c in corpora], seen, args.n_docs, args.doc_seed, args.docs_from)
     texts = [corpora[f][i] for f, i in docs]
     named = {t: named_in(evaluate.load_mc_task(t, args.data, args.eval_limit)[1], texts)

@@ -14,7 +14,9 @@ A cell's directory holds, besides the cell's own outputs:
 A claim older than stale_s belongs to a worker that died (killed, node lost), and so does a claim by a process of
 this host that no longer runs: another worker takes it over by renaming it away (atomic: one taker wins) and
 claiming anew; Ctrl-C frees the cell at once. A cell is tried at most twice (a failure or a dead
-worker's claim counts as a try), then reported as failed. Cells already done (is_done) are skipped.
+worker's claim counts as a try), then reported as failed, until a "reset" line (retry_failed) gives it two more.
+Cells already done (is_done) are skipped. Each claim carries its worker's token: a worker renews and removes only
+its own claim, and a taker that finds it moved a claim fresher than the stale one it saw puts it back.
 """
 import json
 import os
@@ -32,13 +34,33 @@ def log(cdir: Path, event: str, **extra):
                             **extra}) + "\n")
 
 
+def events(cdir: Path) -> list:
+    """The cell's attempts.jsonl since its last "reset" (a line that does not parse, as a torn append on a network
+    file system can leave, is skipped)."""
+    try:
+        text = (cdir / "attempts.jsonl").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        out = [] if e.get("event") == "reset" else out + [e]
+    return out
+
+
 def tries(cdir: Path) -> int:
     """Finished-or-abandoned tries of a cell: failures plus claims taken over from dead workers."""
+    return sum(e.get("event") in ("failed", "taken-over") for e in events(cdir))
+
+
+def claim_token(path: Path):
     try:
-        lines = [json.loads(x) for x in (cdir / "attempts.jsonl").read_text().splitlines() if x.strip()]
-    except OSError:
-        return 0
-    return sum(e["event"] in ("failed", "taken-over") for e in lines)
+        return json.loads(path.read_text()).get("token")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class Claim:
@@ -52,10 +74,12 @@ class Claim:
 
     def _beat(self):
         while not self.stop.wait(self.queue.stale_s / 4):
+            if claim_token(self.cdir / "claim") != self.queue.token:
+                continue   # not ours (or unreadable for a moment): never renew someone else's claim
             try:
                 os.utime(self.cdir / "claim")
             except OSError:
-                return
+                pass       # a transient error: try again at the next beat
 
     def __enter__(self):
         log(self.cdir, "start", worker=self.worker)
@@ -68,7 +92,7 @@ class Claim:
         self.thread.join()
         if kind is KeyboardInterrupt:   # Ctrl-C: this worker stops; the cell is free for the next one at once
             log(self.cdir, "interrupted", worker=self.worker)
-            (self.cdir / "claim").unlink(missing_ok=True)
+            self.release()
             return False
         if err is None:
             log(self.cdir, "done", worker=self.worker)
@@ -77,17 +101,20 @@ class Claim:
             log(self.cdir, "failed", worker=self.worker, error=self.error)
             print(f"sweep worker {self.worker}: cell {self.cdir.name} failed ({self.error}); "
                   f"{'it will be retried' if tries(self.cdir) < MAX_TRIES else 'reported, not retried'}", flush=True)
-        try:
-            (self.cdir / "claim").unlink()
-        except OSError:
-            pass
+        self.release()
         return True
+
+    def release(self):
+        """Remove the claim if it is still this worker's."""
+        if claim_token(self.cdir / "claim") == self.queue.token:
+            (self.cdir / "claim").unlink(missing_ok=True)
 
 
 class CellQueue:
     def __init__(self, cells_dir, stale_s=900.0, worker=None, poll_s=None):
         self.dir, self.stale_s = Path(cells_dir), float(stale_s)
         self.worker = worker or f"{socket.gethostname()}:{os.getpid()}"
+        self.token = f"{self.worker}:{time.time_ns()}"   # written into every claim of this worker
         self.poll_s = poll_s if poll_s is not None else min(30.0, self.stale_s / 4)
 
     def try_claim(self, cdir: Path) -> bool:
@@ -101,9 +128,18 @@ class CellQueue:
         if age is not None:
             if age < self.stale_s and not self.dead_here(claim):
                 return False
+            seen = claim_token(claim)
+            moved = cdir / f"claim.stale.{self.token.replace(':', '_')}"
             try:   # only one taker can rename the stale claim away
-                os.rename(claim, cdir / f"claim.stale.{self.worker.replace(':', '_')}.{time.time():.0f}")
+                os.rename(claim, moved)
             except OSError:
+                return False
+            if claim_token(moved) != seen:   # another worker took it over first: that fresh claim goes back
+                try:
+                    os.link(moved, claim)
+                except OSError:
+                    pass
+                moved.unlink(missing_ok=True)
                 return False
             log(cdir, "taken-over", worker=self.worker, age_s=round(age, 1))
         if tries(cdir) >= MAX_TRIES:
@@ -114,7 +150,7 @@ class CellQueue:
             return False
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps({"worker": self.worker, "host": socket.gethostname(), "pid": os.getpid(),
-                                "time": time.time(), "try": tries(cdir) + 1}))
+                                "time": time.time(), "try": tries(cdir) + 1, "token": self.token}))
         return True
 
     @staticmethod
@@ -144,7 +180,7 @@ class CellQueue:
                     continue
                 if self.try_claim(cdir):
                     if is_done(cell):   # finished between the check and the claim
-                        (cdir / "claim").unlink()
+                        (cdir / "claim").unlink(missing_ok=True)
                         continue
                     ran = True
                     yield cell, Claim(self, cdir, self.worker)
@@ -155,14 +191,20 @@ class CellQueue:
             if not ran:
                 time.sleep(self.poll_s)
 
-    def failed_cells(self, grid, name) -> dict:
+    def failed_cells(self, grid, name, is_done=lambda cell: False) -> dict:
         """name -> the last error of every cell tried MAX_TRIES times without a result."""
         out = {}
         for cell in grid:
             cdir = self.dir / name(cell)
-            if tries(cdir) >= MAX_TRIES:
-                lines = [json.loads(x) for x in (cdir / "attempts.jsonl").read_text().splitlines() if x.strip()]
-                errs = [e.get("error") or f"worker {e['worker']} died" for e in lines
-                        if e["event"] in ("failed", "taken-over")]
+            if not is_done(cell) and tries(cdir) >= MAX_TRIES:
+                errs = [e.get("error") or f"worker {e.get('worker')} died" for e in events(cdir)
+                        if e.get("event") in ("failed", "taken-over")]
                 out[name(cell)] = errs[-1]
         return out
+
+    def retry_failed(self, grid, name, is_done):
+        """Give every cell that failed MAX_TRIES times two new tries (a "reset" line; the history stays)."""
+        for cell in grid:
+            cdir = self.dir / name(cell)
+            if not is_done(cell) and tries(cdir) >= MAX_TRIES:
+                log(cdir, "reset", worker=self.worker)

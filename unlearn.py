@@ -45,6 +45,7 @@ Evaluation before and after uses the evaluator's settings (--eval-preset, --eval
 <out>/../.eval_cache/ (keyed by model files, data, tasks, limit, dtype and the evaluator's settings).
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -331,7 +332,7 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
     base_eval = lambda m, t: evaluate_model(cfg, m, t, dtype, settings, True) if cfg.eval_tasks else (None, False)
     if sharded:   # rank 0 scores the base in the run's dtype; then every rank holds its fp32 master shards
         before, before_cached = world.on_main(lambda: base_eval(*load(cfg.model, device, dtype))) or (None, False)
-        model, tok = load(cfg.model, device, torch.float32)
+        model, tok = load(cfg.model, "cpu", torch.float32)   # fully_shard moves each rank's shards to its GPU
         multigpu.shard(model, world, dtype)
     else:
         model, tok = load(cfg.model, device, dtype)
@@ -371,6 +372,12 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
                  (rb[r].tokens(rr) if cfg.method == "rmu" or cfg.retain_loss != "none" else []))
     full = multigpu.full_state(model, world) if sharded else None   # a collective: every rank
     peaks = world.gather(peak_memory(device))
+    trained_names = list(train)
+    if sharded:   # the shards and Adam state go before rank 0 loads the whole model to write and evaluate it
+        model = opt = train = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def land():   # rank 0: the checkpoint, the evaluation after, run.json; written as one unit
         final = model
@@ -389,7 +396,7 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
                         "n_selected": [len(i) for i in sel], "indices": sel,
                         "texts_from_coreset": any(t != d[i] for ts, d, idx in zip(forget_sel, forget_docs, sel)
                                                   for t, i in zip(ts, idx))},
-            "trained_params": list(train), "loss": hist, "loss_parts": parts, **extra,
+            "trained_params": trained_names, "loss": hist, "loss_parts": parts, **extra,
             "train_s": round(train_s, 3), "steps_per_s": cfg.steps / train_s if train_s > 0 else None,
             "tokens_per_s": tokens / train_s if train_s > 0 else None, "curve_eval_s": round(curve_eval_s[0], 3),
             "peak_memory_bytes": peaks[0], "memory_estimate_bytes": memory,

@@ -168,10 +168,10 @@ def attack_on(tiny, form, targets):  # noqa: F811
 def test_gcg_gradient_path_scores_what_the_scorer_scores_and_a_step_never_raises_the_loss(tiny, form, monkeypatch):  # noqa: F811
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     attack, tok = attack_on(tiny, form, [2, 1, 3])
-    prefix = J.initial_prefix(tok, 6)
+    prefix = J.initial_prefix(attack, 6)
     loss, grad = attack.gradient(prefix)
     assert loss == pytest.approx(attack.losses([tuple(prefix)])[0], rel=1e-5)
-    assert grad.shape == (6, attack.model.lm_head_weight.shape[0]) and torch.isfinite(grad).all()
+    assert len(prefix) == 6 and grad.shape == (6, attack.model.lm_head_weight.shape[0]) and torch.isfinite(grad).all()
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         new, new_loss, valid = J.gcg_step(attack, prefix, 16, 12, gen)
@@ -183,7 +183,7 @@ def test_gcg_gradient_path_scores_what_the_scorer_scores_and_a_step_never_raises
 def test_gcg_prefix_raises_the_target_letters_log_probability(tiny, monkeypatch):  # noqa: F811
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     attack, tok = attack_on(tiny, "letter", [2, 2, 2])
-    start = J.initial_prefix(tok, 5)
+    start = J.initial_prefix(attack, 5)
     prefix, hist, valid = J.run_gcg(attack, start, steps=8, topk=32, n_candidates=24, seed=0)
     assert hist[-1] < hist[0] and all(b <= a for a, b in zip(hist, hist[1:])) and prefix != start
     # the prefix is a string: lm-eval's own prompt, built around it, scores the target letter higher

@@ -138,7 +138,8 @@ def test_sweep_workers_run_every_cell_once_even_when_one_is_killed(tmp_path):
         assert events.count("done") == 1 and (out / "cells" / c / "result.json").is_file(), (c, events)
         assert not (out / "cells" / c / "claim").exists()
     events = [json.loads(x) for x in (out / "cells" / killed / "attempts.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events][:2] == ["start", "taken-over"] and len({e["pid"] for e in events}) == 2
+    # (the kill may land before the killed worker logged its start: then the log shows only the taker)
+    assert "taken-over" in [e["event"] for e in events] and [e["event"] for e in events][-1] == "done"
     rec = json.loads((out / "results.json").read_text())
     assert rec["cells_done"] == 4 and rec["failed_cells"] == {} and sorted(w["returncode"] for w in rec["workers"]) == [-9, 0]
 
@@ -154,6 +155,14 @@ def test_a_cell_that_fails_is_retried_once_then_reported(tmp_path):
                 raise RuntimeError("out of memory")
     assert runs == ["a", "b", "a"]   # a: tried, retried once; b: done
     assert q.failed_cells(["a", "b"], str) == {"a": "RuntimeError: out of memory"}
+    # --retry-failed: two more tries (the history stays); a torn line in the log is skipped
+    q.retry_failed(["a", "b"], str, lambda c: c == "b")
+    assert q.failed_cells(["a", "b"], str) == {}
+    with open(tmp_path / "a" / "attempts.jsonl", "a") as f:
+        f.write('{"event": "fai\n')
+    from sweep_queue import tries
+    assert tries(tmp_path / "a") == 0 and q.try_claim(tmp_path / "a")
+    (tmp_path / "a" / "claim").unlink()
     # a claim held by a live worker elsewhere is waited for, not taken; a stale one is taken over
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "claim").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
@@ -215,3 +224,24 @@ def test_bad_settings_files_and_gpu_groups_are_refused_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         coreset_sweep.main(["--gpus", "0,1,2", "--procs-per-cell", "2", "--steps", "3", "--out", str(tmp_path / "s")])
     assert "expected a multiple of --procs-per-cell 2" in str(e.value.code)
+
+
+def test_a_takeover_race_puts_the_winners_fresh_claim_back(tmp_path, monkeypatch):
+    """Workers A and B both see a dead worker's stale claim; A's whole takeover lands between B's look and B's
+    rename: B moves A's fresh claim away, sees it is not the one it judged stale, and puts it back."""
+    import sweep_queue as Q
+    cdir = tmp_path / "c"
+    cdir.mkdir()
+    (cdir / "claim").write_text(json.dumps({"token": "dead", "host": "elsewhere", "pid": 1}))
+    os.utime(cdir / "claim", (0, 0))
+    a, b = Q.CellQueue(tmp_path, stale_s=60, worker="A"), Q.CellQueue(tmp_path, stale_s=60, worker="B")
+    real = os.rename
+
+    def racing(src, dst):
+        monkeypatch.setattr(Q.os, "rename", real)
+        assert a.try_claim(cdir)
+        real(src, dst)
+    monkeypatch.setattr(Q.os, "rename", racing)
+    assert not b.try_claim(cdir)
+    assert Q.claim_token(cdir / "claim") == a.token and Q.tries(cdir) == 1
+    assert not list(cdir.glob("claim.stale.*B*"))
