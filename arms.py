@@ -2,7 +2,7 @@
 each one trained on. Used by connectivity.py, relearn.py and jailbreak.py.
 
     arms = parse_arms("full,0.05,keywords")   # [("full", None, False), ("r0.05", 0.05, False), ("keywords", None, True)]
-    dirs = train_arms(arms, common, out)      # {name: checkpoint dir}: unlearn.run per arm, in process
+    dirs = train_arms(arms, shared_settings(args), out)   # {name: checkpoint dir}: unlearn.run per arm
     dirs = given_models("full=RUN/model,...") # existing checkpoints
     seen = seen_documents(dir, forget_files)  # the forget documents a checkpoint trained on (its run.json)
 
@@ -12,6 +12,7 @@ call share the method, seed, budget and every other unlearn.py setting. An arm w
 same settings, with its checkpoint beside it, is kept, so a rerun of an analysis only re-analyses.
 """
 import json
+import shlex
 from pathlib import Path
 
 import coreset
@@ -37,6 +38,16 @@ def parse_arms(spec, flag="--arms") -> list:
     if len({n for n, _, _ in arms}) != len(arms):
         raise ProjectError(f"{flag} {spec}: an arm is named twice")
     return arms
+
+
+def shared_settings(args) -> dict:
+    """The unlearn settings every arm of an analysis shares, from the analysis's flags: --method, --base, --forget,
+    --retain, --seed, --device, --dtype, then its --unlearn-args (as methods.resolve takes them)."""
+    common = {"method": args.method, "model": args.base, "forget": args.forget, "retain": args.retain,
+              "seed": args.seed, "device": args.device, "dtype": args.dtype}
+    common = {k: v for k, v in common.items() if v is not None}
+    common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    return common
 
 
 def train_arms(arms, common: dict, out, progress=True) -> dict:

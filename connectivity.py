@@ -23,7 +23,6 @@ copies them.
 """
 import argparse
 import json
-import shlex
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -198,11 +197,8 @@ class BezierControl:
 def train_control(args, a, b):
     """Fit the Bezier control point between A and B on the unlearning loss (the method, seed, budget and settings of
     the ends; the full forget set) into --out/c -> its checkpoint dir (the base with C in the trained tensors)."""
-    common = {"method": args.method, "model": args.base, "forget": args.forget, "retain": args.retain,
-              "seed": args.seed, "device": args.device, "dtype": args.dtype, "out": str(Path(args.out) / "c"),
-              "eval_tasks": "none", "progress": not args.no_progress}
-    common = {k: v for k, v in common.items() if v is not None}
-    common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    common = {"out": str(Path(args.out) / "c"), "eval_tasks": "none", "progress": not args.no_progress,
+              **arms.shared_settings(args)}   # --unlearn-args last, as for the ends
     cfg = methods.resolve(common)
     ends = {}
     rec = unlearn.run(cfg, given=common, wrap_optimizer=lambda train, opt: ends.setdefault(
@@ -212,9 +208,7 @@ def train_control(args, a, b):
 
 def train_ends(args):
     """A (full forget set) and B (a --ratio coreset), same method, seed and settings -> their checkpoint dirs."""
-    common = {"method": args.method, "model": args.base, "forget": args.forget, "retain": args.retain,
-              "seed": args.seed, "device": args.device, "dtype": args.dtype}
-    common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
+    common = arms.shared_settings(args)
     ends = arms.train_arms([("a", None, False), ("b", parse_ratio(args.ratio), False)], common, args.out,
                            not args.no_progress)
     return ends["a"], ends["b"]

@@ -23,7 +23,6 @@ Writes --out/results.{json,md,png}: the run record, each model's prefix (ids and
 import argparse
 import json
 import math
-import shlex
 import time
 from pathlib import Path
 
@@ -311,10 +310,8 @@ def main_work(args):
     est = budget.gpu_estimate(methods.param_counts(mc)[0], eval_questions=scored + 3 * n_models * n_q)
     print(f"jailbreak: {est['line']} (the attack; unlearning the arms comes on top)", flush=True)
     if models is None:
-        common = {"method": args.method, "model": args.base, "forget": forget, "retain": args.retain,
-                  "seed": args.seed, "device": args.device, "dtype": args.dtype}
-        common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
-        models = arms_mod.train_arms(arm_specs, common, Path(args.out) / "arms", not args.no_progress)
+        models = arms_mod.train_arms(arm_specs, arms_mod.shared_settings(args), Path(args.out) / "arms",
+                                     not args.no_progress)
     base, tok = load(args.base, args.device, args.dtype)
     train_items = [items[i] for i in train]
     lls = evaluate.mc_loglikelihoods(base, tok, train_items, topic, bos=settings["bos"], ll_dtype=settings["ll_dtype"],

@@ -26,7 +26,6 @@ budget; --docs PREFIX copies them.
 import argparse
 import json
 import re
-import shlex
 import time
 from pathlib import Path
 
@@ -300,10 +299,8 @@ def main_work(args):
                               eval_questions=n_models * len(budgets) * n_q)
     print(f"relearn: {est['line']} (the attack; unlearning the arms comes on top)", flush=True)
     if models is None:
-        common = {"method": args.method, "model": args.base, "forget": forget, "retain": args.retain,
-                  "seed": args.seed, "device": args.device, "dtype": args.dtype}
-        common.update(unlearn.overrides_from_argv(shlex.split(args.unlearn_args)))
-        models = arms_mod.train_arms(arm_specs, common, Path(args.out) / "arms", not args.no_progress)
+        models = arms_mod.train_arms(arm_specs, arms_mod.shared_settings(args), Path(args.out) / "arms",
+                                     not args.no_progress)
     seen = {name: arms_mod.seen_documents(d, forget) for name, d in models.items()}
     for name, s in seen.items():   # run.json's indices count the documents unlearn.py read (after --min-chars)
         if s and s["n_docs"] != [len(c) for c in corpora]:
