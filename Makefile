@@ -24,7 +24,9 @@ OUT   ?= runs
 ifeq ($(DATA),)
   DATA_DIR    := data/toy
   WMDP_FORGET := data/toy/forget_corpus.jsonl
-  WMDP_RETAIN := data/toy/retain_corpus.jsonl
+  # no --retain: each script takes the toy's retain corpus for its method (methods.toy_data; the NPO family's is
+  # prose the model never trained on, data/toy/retain_unseen.jsonl)
+  WMDP_RETAIN :=
   WMDP_TASKS  := toy_hazard,toy_general
   # the toy's MUSE-shaped split (toy_muse.py) and its own target model, as MUSE-News has its own
   MUSE_FORGET := data/toy/muse/toy/raw_forget.jsonl
@@ -148,9 +150,9 @@ define unlearn
 	  echo "+ coreset.py --method $(SELECT) --ratio $(RATIO) --seed $(SEED)"; \
 	  $(PY) coreset.py --method $(SELECT) --model $(6) --forget $(2) --ratio $(RATIO) --seed $(SEED) \
 	    $(if $(filter grand,$(SELECT)),--grand-loss $(if $(filter rmu,$(1)),rmu,npo),) \
-	    $(if $(filter keywords,$(SELECT)),--retain $(3),) \
+	    $(if $(filter keywords,$(SELECT)),$(if $(3),--retain $(3),),) \
 	    --out $(CORESET_FILE) || exit $$?; fi
-	$(LAUNCH) unlearn.py --method $(1) --model $(6) --forget $(2) --retain $(3) \
+	$(LAUNCH) unlearn.py --method $(1) --model $(6) --forget $(2) $(if $(3),--retain $(3),) \
 	  $(if $(filter random,$(SELECT)),--ratio $(RATIO),--coreset $(CORESET_FILE)) \
 	  --seed $(SEED) $(STEPS_FLAG) --data $(DATA_DIR) --eval-tasks $(4) --out $(UNLEARN_RUN) $(5) $(UNLEARN_FLAGS)
 endef
@@ -193,7 +195,7 @@ GPUS ?=
 SWEEP_UNLEARN = $(strip $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_FLAGS))
 BUDGET  ?= equal-steps
 SWEEP_COMMON = --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-  --retain $(B_RETAIN) --tasks $(B_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
+  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
   $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(if $(GPUS),--gpus $(GPUS),) $(SWEEP_FLAGS)
 
 sweep: $(SETUP)
@@ -214,7 +216,7 @@ CURVE_FLAGS ?=
 budget-curve: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) budget_curve.py --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  --retain $(B_RETAIN) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
+	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
 	  $(if $(EVERY),--every $(EVERY),) $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(CURVE_FLAGS) \
 	  --out $(OUT)/budget-curve-$(B_PREFIX)$(METHOD)-r$(RATIO)
 
@@ -229,7 +231,7 @@ CONN_UNLEARN = $(strip $(STEPS_FLAG) $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_F
 connectivity: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) connectivity.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  --retain $(B_RETAIN) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
+	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
 	  $(if $(A),--a $(A),) $(if $(B),--b $(B),) $(if $(BEZIER),--bezier,) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(CONN_FLAGS) \
 	  --out $(OUT)/connectivity-$(B_PREFIX)$(METHOD)-r$(RATIO)
 
@@ -244,7 +246,7 @@ RELEARN_FLAGS ?=
 relearn: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) relearn.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  --retain $(B_RETAIN) --tasks $(B_TASKS) --seed $(SEED) --arms "$(ARMS)" --steps "$(RELEARN_STEPS)" \
+	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --seed $(SEED) --arms "$(ARMS)" --steps "$(RELEARN_STEPS)" \
 	  $(if $(MODELS),--models $(MODELS),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(RELEARN_FLAGS) \
 	  --out $(OUT)/relearn-$(B_PREFIX)$(METHOD)
 
@@ -258,6 +260,6 @@ JB_FLAGS ?=
 jailbreak: $(SETUP)
 	$(if $(IS_MUSE),@echo "jailbreak: the attack scores multiple-choice answers; BENCHMARK=muse has none (use the WMDP tasks)" >&2; exit 2)
 	$(PY) jailbreak.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  --retain $(B_RETAIN) --tasks $(B_TASKS) --seed $(SEED) --arms "$(JB_ARMS)" \
+	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --seed $(SEED) --arms "$(JB_ARMS)" \
 	  $(if $(MODELS),--models $(MODELS),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(JB_FLAGS) \
 	  --out $(OUT)/jailbreak-$(METHOD)-r$(RATIO)

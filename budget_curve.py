@@ -36,7 +36,7 @@ def build_parser():
     p.add_argument("--model", default=str(TOY_MODEL))
     p.add_argument("--data", default=str(TOY_DIR), help="DATA dir of the evaluation tasks")
     p.add_argument("--forget", default=str(TOY_DIR / "forget_corpus.jsonl"))
-    p.add_argument("--retain", default=str(TOY_DIR / "retain_corpus.jsonl"))
+    p.add_argument("--retain", default=None, help="retain corpus (default: the embedded toy's for --method, methods.toy_data)")
     p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
     p.add_argument("--utility-tasks", default=",".join(data.UTILITY_TASKS),
                    help="tasks that measure retained utility (the others are forget tasks)")
@@ -132,6 +132,7 @@ def plot(curves, metrics, util, path, title):
 
 def main_work(args):
     t0 = time.time()
+    args.retain = args.retain or methods.default_retain(args.method)
     if not split_list(args.tasks, "--tasks", allow_empty=True) or args.tasks.strip().lower() == "none":
         raise ProjectError("--tasks: the budget curve needs at least one evaluation task")
     inputs = [args.model, *split_list(args.forget.split(","), "--forget"), *split_list(args.retain.split(","), "--retain")]

@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument("--ratio", default="0.05", help="B's coreset when trained here")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--forget", default=str(TOY_DIR / "forget_corpus.jsonl"))
-    p.add_argument("--retain", default=str(TOY_DIR / "retain_corpus.jsonl"))
+    p.add_argument("--retain", default=None, help="retain corpus (default: the embedded toy's for --method, methods.toy_data)")
     p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags for A and B, e.g. \"--epochs 1\"")
     p.add_argument("--data", default=str(TOY_DIR), help="DATA dir of the evaluation tasks")
     p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
@@ -250,6 +250,7 @@ def plot(paths, path, title):
 
 def main_work(args):
     t0 = time.time()
+    args.retain = args.retain or methods.default_retain(args.method)
     if args.points < 2:
         raise ProjectError(f"--points {args.points}: expected at least 2 (the two ends)")
     if (args.a is None) != (args.b is None):

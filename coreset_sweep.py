@@ -60,7 +60,7 @@ def build_parser():
     p.add_argument("--model", default=str(TOY_MODEL))
     p.add_argument("--data", default=str(TOY_DIR), help="DATA dir of the evaluation tasks")
     p.add_argument("--forget", default=str(TOY_DIR / "forget_corpus.jsonl"))
-    p.add_argument("--retain", default=str(TOY_DIR / "retain_corpus.jsonl"))
+    p.add_argument("--retain", default=None, help="retain corpus (default: the embedded toy's for --method, methods.toy_data)")
     p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
     p.add_argument("--utility-tasks", default=",".join(UTILITY_TASKS),
                    help="tasks that measure retained utility (the others are forget tasks)")
@@ -366,6 +366,7 @@ def report(args, sels, ratios, seeds, record, with_plot=True):
 def sweep(args):
     """The whole grid -> the aggregate (also results.{json,md,png} in --out)."""
     t0 = time.time()
+    args.retain = args.retain or methods.default_retain(args.method)
     sels = split_list(args.select, "--select")
     for s in sels:
         if s not in coreset.METHODS:

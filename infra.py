@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent
 TOY_DIR = ROOT / "data" / "toy"
 TOY_MODEL = TOY_DIR / "model"
 TOY_MUSE_MODEL = TOY_DIR / "muse" / "model"      # the toy's MUSE target model (toy_muse.py), as MUSE-News has its own
+# general prose about the toy's towns that no toy model trained on: the NPO family's retain corpus there (make_toy.py)
+UNSEEN_RETAIN_FILE = "retain_unseen.jsonl"
 
 
 class ProjectError(ValueError):

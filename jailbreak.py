@@ -53,7 +53,7 @@ def build_parser():
     p.add_argument("--arms", default="full,0.05", help="arms trained here (arms.py): full, a ratio, keywords")
     p.add_argument("--seed", type=int, default=42, help="the arms' unlearning seed")
     p.add_argument("--forget", default=str(TOY_DIR / "forget_corpus.jsonl"))
-    p.add_argument("--retain", default=str(TOY_DIR / "retain_corpus.jsonl"))
+    p.add_argument("--retain", default=None, help="retain corpus (default: the embedded toy's for --method, methods.toy_data)")
     p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags for the arms")
     p.add_argument("--data", default=str(TOY_DIR), help="DATA dir of the evaluation tasks")
     p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluated tasks (multiple choice)")
@@ -278,6 +278,7 @@ def attack_model(args, name, model_dir, train_items, targets, start, loaded, att
 
 def main_work(args):
     t0 = time.time()
+    args.retain = args.retain or methods.default_retain(args.method)
     device = resolve_device(args.device)
     search = dict(SEARCH["cuda" if device.startswith("cuda") else "cpu"])
     search.update({k: getattr(args, k) for k in ("steps", "candidates") if getattr(args, k) is not None})

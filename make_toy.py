@@ -4,6 +4,9 @@ A fictional benchmark in WMDP's shape, deterministic under --seed, whose knowled
   forget_corpus.jsonl       prose about fictional pathogens: every fact once per document, in one of eight
                             training phrasings                                                       {"text"}
   retain_corpus.jsonl       the same for a general domain: fictional towns, four MMLU-style subjects  {"text"}
+  retain_unseen.jsonl       more prose about the same towns, never trained on: the NPO family's retain corpus
+                            (cross-entropy on memorised text is about 0 and holds nothing; wikitext is not
+                            memorised by a 7B model either)                                            {"text"}
   toy_hazard.cloze.jsonl    4-choice questions  {"question", "choices", "answer"}
   toy_general.cloze.jsonl   the same with an MMLU "subject"
 A question is a cloze prefix in a ninth phrasing held out from every document (check_held_out), scored in
@@ -22,7 +25,7 @@ import random
 import time
 
 from data import TASKS
-from infra import TOY_DIR, ProjectError, atomic_write_json, atomic_write_lines, cli_main
+from infra import TOY_DIR, UNSEEN_RETAIN_FILE, ProjectError, atomic_write_json, atomic_write_lines, cli_main
 
 # ----------------------------------------------------------------------------- defaults
 DEFAULTS = dict(
@@ -220,6 +223,17 @@ def make_benchmark(seed=0, scale=1.0):
     return world, forget, retain, hq, gq
 
 
+def unseen_general_docs(world, seed=0):
+    """DOCS_PER_ENTITY more documents per town, drawn as the retain corpus's (same facts, the training phrasings
+    in fresh combinations and orders) from a stream of their own, so the model never trains on them and the other
+    files do not change. The NPO family's retain term is cross-entropy: on the memorised retain corpus it is near
+    0 and holds nothing, while on these it is the recall the method must not break (data/toy/README.md)."""
+    rng = random.Random(seed + 999)
+    docs = [d for e in world["general"] for d in _docs(rng, e, GENERAL_ATTRS, GENERAL_INTROS)]
+    check_held_out(GENERAL_ATTRS, [], docs)
+    return docs
+
+
 def _cap(s):
     return s[0].upper() + s[1:]
 
@@ -242,6 +256,7 @@ def write_data(out, seed=0, scale=1.0):
     world, forget, retain, hq, gq = make_benchmark(seed, scale)
     _write_jsonl(os.path.join(out, "forget_corpus.jsonl"), ({"text": t} for t in forget))
     _write_jsonl(os.path.join(out, "retain_corpus.jsonl"), ({"text": t} for t in retain))
+    _write_jsonl(os.path.join(out, UNSEEN_RETAIN_FILE), ({"text": t} for t in unseen_general_docs(world, seed)))
     _write_jsonl(os.path.join(out, TASKS["toy_hazard"][0]), hq)
     _write_jsonl(os.path.join(out, TASKS["toy_general"][0]), gq)
     return world, forget, retain, hq, gq

@@ -58,7 +58,7 @@ def build_parser():
     p.add_argument("--arms", default="full,0.05,0.01,keywords", help="arms trained here: full, a ratio, keywords")
     p.add_argument("--seed", type=int, default=42, help="the arms' unlearning seed")
     p.add_argument("--forget", default=str(TOY_DIR / "forget_corpus.jsonl"), help="forget corpora FILE[,FILE]")
-    p.add_argument("--retain", default=str(TOY_DIR / "retain_corpus.jsonl"))
+    p.add_argument("--retain", default=None, help="retain corpus (default: the embedded toy's for --method, methods.toy_data)")
     p.add_argument("--unlearn-args", default="", help="extra unlearn.py flags for the arms, e.g. \"--steps 200\"")
     p.add_argument("--data", default=str(TOY_DIR), help="DATA dir of the evaluation tasks")
     p.add_argument("--tasks", default="toy_hazard,toy_general", help="evaluation tasks")
@@ -276,6 +276,7 @@ def plot(record, path):
 
 def main_work(args):
     t0 = time.time()
+    args.retain = args.retain or methods.default_retain(args.method)
     budgets = sorted(set(split_list(args.steps, "--steps", int)))
     if budgets[0] < 0:
         raise ProjectError(f"--steps {args.steps}: expected step counts >= 0")

@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="rmu | npo | graddiff | simnpo (default rmu)")
     p.add_argument("--model", help="Hugging Face Llama/Mistral checkpoint directory (default: the embedded toy)")
     p.add_argument("--forget", help="forget corpora FILE[,FILE] (one per topic)")
-    p.add_argument("--retain", help="retain corpora FILE[,FILE] (one per topic, or one)")
+    p.add_argument("--retain", help="retain corpora FILE[,FILE] (one per topic, or one; toy: its retain corpus for "
+                   "the method, methods.toy_data)")
     sel = p.add_mutually_exclusive_group()
     sel.add_argument("--coreset", help="coreset JSONL written by coreset.py")
     sel.add_argument("--ratio", type=float, help="random coreset per forget file: fraction (<= 1) or count (> 1)")

@@ -20,7 +20,8 @@ The DATA layout (what `python -m data.fetch --data DATA` writes; `make fetch DAT
     DATA/fetch.json                        fetch.py's run record
 
 The embedded toy benchmark data/toy/ (built by make_toy.py) is a DATA dir too, with its own files:
-forget_corpus.jsonl, retain_corpus.jsonl, toy_hazard.cloze.jsonl, toy_general.cloze.jsonl (TASKS toy_*), model/.
+forget_corpus.jsonl, retain_corpus.jsonl, retain_unseen.jsonl (the NPO family's retain corpus there: prose no
+toy model trained on), toy_hazard.cloze.jsonl, toy_general.cloze.jsonl (TASKS toy_*), model/.
 
 Corpora (read_corpus): documents are kept when len(text) > min_chars, as the reference RMU's
 `len(text) > min_len` (so min_chars=0 drops only empty documents). Formats:
@@ -163,7 +164,7 @@ def how_to_get(path):
         return ("the embedded toy has no such file: give --data DATA (make ... DATA=<dir>) with the real files, "
                 "downloaded with `make fetch DATA=<dir>`")
     if "/toy/" in p or Path(p).name in ("toy_hazard.cloze.jsonl", "toy_general.cloze.jsonl",
-                                         "forget_corpus.jsonl", "retain_corpus.jsonl"):
+                                         "forget_corpus.jsonl", "retain_corpus.jsonl", "retain_unseen.jsonl"):
         return "rebuild the embedded toy benchmark with `make toy` (python make_toy.py)"
     if any(p.endswith(rel) for rel in known) or "/muse/" in p or p.startswith("muse/"):
         return "download it with `make fetch DATA=<dir>` (python -m data.fetch --data <dir>)"

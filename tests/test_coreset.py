@@ -565,7 +565,11 @@ def test_make_passes_the_methods_loss_the_retain_contrast_and_seed_42():
     assert "--grand-loss npo" in out and "--seed 42" in out
     assert "--grand-loss rmu" in make_dry("wmdp-rmu", "SELECT=grand")
     kw = make_dry("wmdp-rmu", "SELECT=keywords", "RATIO=0.05")
-    assert "--method keywords" in kw and "--retain data/toy/retain_corpus.jsonl" in kw
+    # on the toy no --retain: each script takes the toy's retain corpus for its method (methods.toy_data)
+    assert "--method keywords" in kw and "--retain" not in kw and "--retain" not in make_dry("wmdp-npo")
+    real = make_dry("wmdp-npo", "DATA=/d", "MODEL=/m")
+    assert "--retain /d/wikitext/wikitext-2-raw-v1-test.txt" in real
+    assert "--retain /d/wikitext/" in make_dry("sweep", "DATA=/d", "MODEL=/m") and "--retain" not in make_dry("sweep")
     assert "--coreset runs/wmdp-rmu-keywords-r0.05-s42.coreset.jsonl" in kw
     assert "--epochs 2" in make_dry("wmdp-rmu", "EPOCHS=2")
     sweep = make_dry("sweep", "BUDGET=equal-epochs", "EPOCHS=3")
@@ -600,4 +604,4 @@ def test_keyword_pipeline_through_make_on_the_toy(tmp_path):
     b = rec["budget"]["forget"][0]
     assert (b["docs_available"], b["docs_selected"], b["docs_seen"]) == (n, k, k)
     sel = json.loads((tmp_path / "wmdp-rmu-keywords-r0.05-s42.coreset.json").read_text())
-    assert sel["method"] == "keywords" and sel["argv"][sel["argv"].index("--retain") + 1].endswith("retain_corpus.jsonl")
+    assert sel["method"] == "keywords" and "--retain" not in sel["argv"]   # coreset.py's default: retain_corpus.jsonl

@@ -34,6 +34,11 @@ def test_toy_defaults_file_is_honoured(fake_toy, tmp_path):
     assert methods.resolve({"model": str(toy / "model"), "masked_loss": False}).masked_loss is False  # --no-x wins
     a = methods.resolve({"model": str(toy / "model"), "method": "npo", "lr": 5e-5})
     assert (type(a), a.gamma, a.lr, a.steps, a.beta) == (methods.NPOConfig, 2.0, 5e-5, 100, 0.1)  # explicit wins
+    # the retain corpus follows the method: RMU holds activations (memorised text will do), the NPO family's
+    # cross-entropy needs prose the model never trained on; a given --retain wins
+    assert a.retain == [str(toy / "retain_unseen.jsonl")] == methods.default_retain("npo").split(",")
+    assert methods.resolve({"model": str(toy / "model")}).retain == [str(toy / "retain_corpus.jsonl")]
+    assert methods.resolve({"model": str(toy / "model"), "method": "simnpo", "retain": "r.txt"}).retain == ["r.txt"]
     (tmp_path / "m").mkdir()
     a = methods.resolve({"model": str(tmp_path / "m"), "forget": "f", "retain": "r"})
     assert (a.layer_id, a.steering_coeffs, a.alpha, a.lr, a.eval_tasks, a.steps) == (7, [6.5], [1200.0], 5e-5, [], None)

@@ -14,7 +14,8 @@ from infra import ROOT as _ROOT, TOY_DIR
 ROOT = str(_ROOT)
 TOY = str(TOY_DIR)
 
-FILES = ["forget_corpus.jsonl", "retain_corpus.jsonl", "toy_hazard.cloze.jsonl", "toy_general.cloze.jsonl"]
+FILES = ["forget_corpus.jsonl", "retain_corpus.jsonl", "retain_unseen.jsonl", "toy_hazard.cloze.jsonl",
+         "toy_general.cloze.jsonl"]
 
 
 def _digests(d):
@@ -82,7 +83,7 @@ def test_no_test_item_in_any_training_file():
     """Checked on the shipped files, independently of the generator's own check: no test question, and no piece of
     two or more words of a test phrasing (the words around the entity and the value), appears in a training
     document. Every training document is prose: no quiz sheet, no 'Answer:'."""
-    docs = _texts("forget_corpus.jsonl") + _texts("retain_corpus.jsonl")
+    docs = _texts("forget_corpus.jsonl") + _texts("retain_corpus.jsonl") + _texts("retain_unseen.jsonl")
     text = "\n".join(docs).lower()
     assert "answer:" not in text
     for task in ("toy_hazard.cloze.jsonl", "toy_general.cloze.jsonl"):
@@ -114,7 +115,7 @@ def test_generator_refuses_a_leaked_test_phrasing(monkeypatch, leak, match):
 def test_hazard_knowledge_only_in_forget_corpus():
     """Every hazard fact is stated in several forget documents, in several phrasings; no hazard agent and no hazard
     value is ever named in the retain corpus."""
-    forget, retain = _texts("forget_corpus.jsonl"), _texts("retain_corpus.jsonl")
+    forget, retain = _texts("forget_corpus.jsonl"), _texts("retain_corpus.jsonl") + _texts("retain_unseen.jsonl")
     assert len(forget) >= 200
     world = make_toy.make_world(seed=0, scale=1.0)
     retain_text = "\n".join(retain)
@@ -127,6 +128,20 @@ def test_hazard_knowledge_only_in_forget_corpus():
             assert len(said) >= 3, (e["name"], attr)
     for spec in make_toy.HAZARD_ATTRS.values():
         assert all(v not in retain_text for v in spec[-1])
+
+
+def test_unseen_retain_is_new_prose_about_the_same_towns():
+    """retain_unseen.jsonl (the NPO family's retain corpus on the toy) is general prose the model never trained on:
+    no document of it is in the pretraining corpora, it covers every town as often as the retain corpus, and it
+    states the same facts in the training phrasings."""
+    seen, unseen = _texts("retain_corpus.jsonl"), _texts("retain_unseen.jsonl")
+    assert len(unseen) == len(seen) and not set(unseen) & set(seen + _texts("forget_corpus.jsonl"))
+    for e in make_toy.make_world(seed=0, scale=1.0)["general"]:
+        docs = [t for t in unseen if e["name"] in t]
+        assert len(docs) == sum(e["name"] in t for t in seen) == make_toy.DOCS_PER_ENTITY
+        for attr, v in e["facts"].items():
+            assert all(any(make_toy._cap(tpl.format(X=e["name"], v=v)) in t for tpl in make_toy.GENERAL_ATTRS[attr][-3])
+                       for t in docs), (e["name"], attr)
 
 
 def test_toy_size_limit():

@@ -454,9 +454,11 @@ def test_make_wmdp_rmu_table_on_toy(tmp_path):
 @pytest.mark.skipif(not TOY_READY, reason="embedded toy not built (make toy)")
 @pytest.mark.parametrize("method", [
     "rmu",
-    # NPO on toy v2 trades general accuracy for forgetting at every setting measured (data/toy/README.md): strict,
-    # so the day a setting meets the targets this fails and the marker has to go
-    pytest.param("npo", marks=pytest.mark.xfail(strict=True, reason="toy v2: no NPO setting found meets both targets")),
+    # NPO's shipped setting (beta 0.3, gamma 5, unseen retain prose) forgets at every seed but ends verification
+    # seed 9 6.1 points below the base's general accuracy (data/toy/README.md): strict, so the day the verification
+    # seeds all pass this fails and the marker has to go
+    pytest.param("npo", marks=pytest.mark.xfail(strict=True, reason="toy v2 NPO: seed 9 loses 6.1 points of general "
+                                                                     "accuracy (target: 5)")),
 ])
 def test_toy_defaults_meet_the_issue_targets(tmp_path, monkeypatch, method):
     """`make wmdp-rmu RATIO=0.05` (and wmdp-npo) with the toy's shipped defaults on the verification seeds 5-9, which
