@@ -156,9 +156,9 @@ def toy_data(kind, method="rmu"):
     return {"forget": [str(TOY_DIR / "forget_corpus.jsonl")], "retain": [str(retain)], "eval_tasks": list(TOY_TASKS)}
 
 
-def default_retain(method, kind="wmdp") -> str:
-    """--retain's default in the scripts that take one: the toy's retain corpus for `method` (toy_data)."""
-    return ",".join(toy_data(kind, method)["retain"])
+def default_retain(method) -> str:
+    """--retain's default in the scripts that take one: the WMDP-shaped toy's retain corpus for `method`."""
+    return ",".join(toy_data("wmdp", method)["retain"])
 
 
 def toy_kind(model_dir):
