@@ -53,6 +53,8 @@ IS_MUSE   := $(filter muse,$(BENCHMARK))
 B_MODEL   := $(if $(IS_MUSE),$(MUSE_MODEL_DIR),$(MODEL_DIR))
 B_FORGET  := $(if $(IS_MUSE),$(MUSE_FORGET),$(WMDP_FORGET))
 B_RETAIN  := $(if $(IS_MUSE),$(MUSE_RETAIN),$(WMDP_RETAIN))
+# none on the WMDP toy: each script takes the toy's retain corpus for its method
+B_RETAIN_FLAG := $(if $(B_RETAIN),--retain $(B_RETAIN),)
 B_TASKS   := $(if $(IS_MUSE),$(MUSE_TASKS),$(WMDP_TASKS))
 B_PREFIX  := $(if $(IS_MUSE),muse-,)
 # the budget (budget.py): STEPS=N optimizer steps or EPOCHS=E passes over the run's forget set; neither: the method's
@@ -195,7 +197,7 @@ GPUS ?=
 SWEEP_UNLEARN = $(strip $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_FLAGS))
 BUDGET  ?= equal-steps
 SWEEP_COMMON = --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
+  $(B_RETAIN_FLAG) --tasks $(B_TASKS) --seeds "$(SEEDS)" --budget $(BUDGET) $(STEPS_FLAG) \
   $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(if $(GPUS),--gpus $(GPUS),) $(SWEEP_FLAGS)
 
 sweep: $(SETUP)
@@ -216,7 +218,7 @@ CURVE_FLAGS ?=
 budget-curve: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) budget_curve.py --method $(METHOD) --model $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
+	  $(B_RETAIN_FLAG) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) $(STEPS_FLAG) \
 	  $(if $(EVERY),--every $(EVERY),) $(if $(SWEEP_UNLEARN),--unlearn-args="$(SWEEP_UNLEARN)",) $(CURVE_FLAGS) \
 	  --out $(OUT)/budget-curve-$(B_PREFIX)$(METHOD)-r$(RATIO)
 
@@ -231,7 +233,7 @@ CONN_UNLEARN = $(strip $(STEPS_FLAG) $(if $(IS_MUSE),$(MUSE_FLAGS),) $(UNLEARN_F
 connectivity: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) connectivity.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
+	  $(B_RETAIN_FLAG) --tasks $(B_TASKS) --ratio $(RATIO) --seed $(SEED) --points $(POINTS) \
 	  $(if $(A),--a $(A),) $(if $(B),--b $(B),) $(if $(BEZIER),--bezier,) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(CONN_FLAGS) \
 	  --out $(OUT)/connectivity-$(B_PREFIX)$(METHOD)-r$(RATIO)
 
@@ -246,7 +248,7 @@ RELEARN_FLAGS ?=
 relearn: $(SETUP)
 	$(if $(IS_MUSE),$(MUSE_CHECK))
 	$(PY) relearn.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --seed $(SEED) --arms "$(ARMS)" --steps "$(RELEARN_STEPS)" \
+	  $(B_RETAIN_FLAG) --tasks $(B_TASKS) --seed $(SEED) --arms "$(ARMS)" --steps "$(RELEARN_STEPS)" \
 	  $(if $(MODELS),--models $(MODELS),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(RELEARN_FLAGS) \
 	  --out $(OUT)/relearn-$(B_PREFIX)$(METHOD)
 
@@ -260,6 +262,6 @@ JB_FLAGS ?=
 jailbreak: $(SETUP)
 	$(if $(IS_MUSE),@echo "jailbreak: the attack scores multiple-choice answers; BENCHMARK=muse has none (use the WMDP tasks)" >&2; exit 2)
 	$(PY) jailbreak.py --method $(METHOD) --base $(B_MODEL) --data $(DATA_DIR) --forget $(B_FORGET) \
-	  $(if $(B_RETAIN),--retain $(B_RETAIN),) --tasks $(B_TASKS) --seed $(SEED) --arms "$(JB_ARMS)" \
+	  $(B_RETAIN_FLAG) --tasks $(B_TASKS) --seed $(SEED) --arms "$(JB_ARMS)" \
 	  $(if $(MODELS),--models $(MODELS),) $(if $(CONN_UNLEARN),--unlearn-args="$(CONN_UNLEARN)",) $(JB_FLAGS) \
 	  --out $(OUT)/jailbreak-$(METHOD)-r$(RATIO)
