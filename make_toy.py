@@ -322,7 +322,7 @@ def train_model(args, docs, encode, cfg_dict, log=print):
     encode: text -> (ids, per-token loss weights) (encoder()). -> (model, loss history, seconds)."""
     import torch
     import torch.nn.functional as F
-    from methods import lr_at
+    from optimizer import lr_at
     from model import ModelConfig, Transformer
     torch.manual_seed(args.seed)
     model = Transformer(ModelConfig.from_hf(cfg_dict))

@@ -13,10 +13,9 @@ Then every value is checked against its math (beta > 0, layer ids inside the mod
 a bad value is a one-line ConfigError naming the flag. `python unlearn.py --print-config [flags]` prints the
 result; unlearn.run records it in run.json.
 
-The budget (--steps / --epochs / the reference's rule) and the data order are budget.py's. Also here: lr_at (the
-learning-rate schedule, make_toy.py's too), HFAdamW (what torch.optim.AdamW cannot do: the reference's eps rule and
-fp32 master weights; unlearn.build picks torch's otherwise) and memory_estimate (what a run needs, checked before
-the model loads).
+The budget (--steps / --epochs / the reference's rule) and the data order are budget.py's; the optimizer and the
+learning-rate schedule are optimizer.py's. Also here: memory_estimate (what a run needs, checked before the model
+loads).
 """
 import json
 import math
@@ -143,7 +142,7 @@ def toy_models():
     return {"wmdp": TOY_MODEL, "muse": TOY_MUSE_MODEL}
 
 
-def toy_data(kind, method="rmu"):
+def toy_data(kind, method):
     """The forget and retain files and the evaluation tasks a toy model is unlearned and evaluated on by default.
     On the WMDP-shaped toy the NPO family's retain corpus is prose the model never trained on: its retain term is
     cross-entropy, about 0 on the memorised retain corpus (holding nothing), while RMU's matches activations to
@@ -383,65 +382,6 @@ def _check_npo(cfg):
         raise ConfigError(f"--steps / --epochs: --method {cfg.method} needs a budget (the recipe's is 500 steps)")
 
 
-# ----------------------------------------------------------------------------------------------- optimizer, schedule
-
-class HFAdamW(torch.optim.Optimizer):
-    """AdamW for the two things torch.optim.AdamW cannot do: hf_eps (eps added to the uncorrected sqrt(v), as
-    transformers.AdamW, which the RMU reference uses: a different update for small v) and fp32_state (fp32
-    moments and fp32 master weights for bf16/fp16 parameters: a bf16 weight loses updates below half its ulp)."""
-
-    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, hf_eps=False, fp32_state=False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hf_eps=hf_eps,
-                                      fp32_state=fp32_state))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    sdt = torch.float32 if g["fp32_state"] else p.dtype
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p, dtype=sdt)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt)
-                    if g["fp32_state"] and p.dtype != torch.float32:
-                        st["master"] = p.detach().float().clone()
-                st["step"] += 1
-                t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
-                w = st.get("master", p)
-                grad = p.grad.to(m.dtype)
-                m.mul_(b1).add_(grad, alpha=1 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-                if g["hf_eps"]:
-                    denom, step_size = v.sqrt().add_(eps), lr * math.sqrt(bc2) / bc1
-                else:
-                    denom, step_size = (v.sqrt() / math.sqrt(bc2)).add_(eps), lr / bc1
-                if wd:
-                    w.mul_(1 - lr * wd)
-                w.addcdiv_(m, denom, value=-step_size)
-                if w is not p:
-                    p.copy_(w)
-
-
-
-def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):
-    """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup` steps (>= 1) or that fraction
-    of the steps (< 1), then constant, linear decay to 0, or cosine decay to min_frac * base."""
-    w = int(round(warmup * steps)) if 0 < warmup < 1 else int(warmup)
-    if w and step < w:
-        return base * (step + 1) / w
-    if schedule == "constant":
-        return base
-    prog = (step - w) / max(1, steps - w)
-    if schedule == "linear":
-        return base * (1 - prog)
-    return base * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
-
-
 # ----------------------------------------------------------------------------------------------- memory
 
 GIB = 2 ** 30
@@ -533,5 +473,5 @@ def describe(cfg) -> str:
 
 
 __all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "method_defaults",
-           "toy_defaults", "is_toy", "toy_kind", "lr_at", "describe", "HFAdamW", "memory_estimate", "check_memory",
+           "toy_defaults", "is_toy", "toy_kind", "describe", "memory_estimate", "check_memory",
            "check_device_memory"]

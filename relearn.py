@@ -37,6 +37,7 @@ import budget
 import data
 import evaluate
 import methods
+import optimizer
 import unlearn
 from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, progress_bar, pyplot,
                    run_info, save_figure, split_list, write_results)
@@ -138,7 +139,7 @@ def relearn(model, tok, texts, steps, att, seed, progress=False, desc="relearn")
     if params[0].dtype == torch.float32:
         opt = torch.optim.AdamW(params, lr=att["lr"], weight_decay=att["weight_decay"])
     else:   # bf16 weights: fp32 master copy and moments, as unlearning's NPO family
-        opt = methods.HFAdamW(params, lr=att["lr"], weight_decay=att["weight_decay"], fp32_state=True)
+        opt = optimizer.HFAdamW(params, lr=att["lr"], weight_decay=att["weight_decay"], fp32_state=True)
     device, hist = params[0].device, []
     model.train()
     bar = progress_bar(steps, desc, disable=not progress)
@@ -147,7 +148,7 @@ def relearn(model, tok, texts, steps, att, seed, progress=False, desc="relearn")
         order = np.random.default_rng((seed, epoch)).permutation(len(texts))
         items = tuple(int(i) for i in order[k * att["batch_size"]:(k + 1) * att["batch_size"]])
         for g in opt.param_groups:
-            g["lr"] = methods.lr_at(s, steps, att["lr"], steps // 10, att["schedule"])
+            g["lr"] = optimizer.lr_at(s, steps, att["lr"], steps // 10, att["schedule"])
         opt.zero_grad(set_to_none=True)
         ids, mask = (x.to(device) for x in batches[items])
         loss = retain_ce(model, ids, mask)

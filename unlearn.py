@@ -62,6 +62,7 @@ import evaluate
 import losses
 import methods
 import multigpu
+import optimizer
 from objectives import RMU, ActCache, forget_loss, retain_ce, retain_kl, sequence_logps
 from data import read_corpora, read_corpus
 from infra import (ProjectError, atomic_write_json, check_output, cli_main, is_run_dir, peak_memory, per_topic, progress_bar,
@@ -119,7 +120,7 @@ def build(cfg, model):
     params = list(dict.fromkeys(train.values()))
     low_precision = any(p.dtype != torch.float32 for p in params)
     if cfg.hf_adam_eps or (cfg.fp32_optimizer_state and low_precision):
-        opt = methods.HFAdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, hf_eps=cfg.hf_adam_eps,
+        opt = optimizer.HFAdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, hf_eps=cfg.hf_adam_eps,
                       fp32_state=cfg.fp32_optimizer_state)
     else:
         cuda = params[0].device.type == "cuda" and not multigpu.is_sharded(model)
@@ -139,7 +140,7 @@ def training_steps(cfg, plan, opt, model, desc, after_step=None):
     try:
         for s, micro in enumerate(plan):
             for g in opt.param_groups:
-                g["lr"] = methods.lr_at(s, len(plan), cfg.lr, cfg.warmup, cfg.lr_schedule)
+                g["lr"] = optimizer.lr_at(s, len(plan), cfg.lr, cfg.warmup, cfg.lr_schedule)
             opt.zero_grad(set_to_none=True)
             yield s, micro, bar
             if after_step is not None:

@@ -15,7 +15,7 @@ import torch
 from infra import ProjectError, cli_main
 from losses import control_vector, rmu_loss
 from model import ModelConfig
-from methods import HFAdamW
+from optimizer import HFAdamW
 from objectives import RMU, ActCache
 from benches.random_model import SHAPES, random_model
 

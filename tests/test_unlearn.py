@@ -18,6 +18,7 @@ import coreset
 import helpers
 import losses
 import methods
+import optimizer
 import objectives as O
 import unlearn as U
 from model import ModelConfig, Transformer, load_tokenizer
@@ -286,7 +287,7 @@ def test_hf_adamw_matches_torch_and_fp32_master():
     g = torch.Generator().manual_seed(0)
     p1 = torch.nn.Parameter(torch.randn(5, 4, generator=g))
     p2 = torch.nn.Parameter(p1.detach().clone())
-    o1 = methods.HFAdamW([p1], lr=1e-2, eps=1e-8, weight_decay=0.1)
+    o1 = optimizer.HFAdamW([p1], lr=1e-2, eps=1e-8, weight_decay=0.1)
     o2 = torch.optim.AdamW([p2], lr=1e-2, eps=1e-8, weight_decay=0.1)
     for _ in range(3):
         grad = torch.randn(5, 4, generator=g)
@@ -297,7 +298,7 @@ def test_hf_adamw_matches_torch_and_fp32_master():
     # bf16 weights: tiny updates vanish without fp32 master weights, accumulate with them
     w = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
     wm = torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
-    o, om = methods.HFAdamW([w], lr=1e-4), methods.HFAdamW([wm], lr=1e-4, fp32_state=True)
+    o, om = optimizer.HFAdamW([w], lr=1e-4), optimizer.HFAdamW([wm], lr=1e-4, fp32_state=True)
     for _ in range(40):
         w.grad = torch.ones_like(w)
         wm.grad = torch.ones_like(wm)
@@ -316,15 +317,15 @@ def test_optimizer_is_torch_adamw_unless_a_run_needs_more(tiny, tmp_path, extra,
     cfg = args_for(tiny, tmp_path / "o", *extra, method="npo")
     model = Transformer.from_pretrained(tiny["model"], dtype=getattr(torch, cfg.dtype or "float32"))
     _, opt = U.build(cfg, model)
-    assert isinstance(opt, methods.HFAdamW) == own and (own or type(opt) is torch.optim.AdamW)
+    assert isinstance(opt, optimizer.HFAdamW) == own and (own or type(opt) is torch.optim.AdamW)
 
 
 def test_lr_schedule():
-    assert [methods.lr_at(s, 10, 1.0, 0.2, "linear") for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
-    assert methods.lr_at(9, 10, 1.0, 0.2, "linear") == pytest.approx(1 - 7 / 8)
-    assert methods.lr_at(5, 10, 2.0, 0, "constant") == 2.0
-    assert methods.lr_at(2, 10, 1.0, 2, "cosine", 0.1) == pytest.approx(1.0)   # first step after warmup
-    assert methods.lr_at(10, 10, 1.0, 2, "cosine", 0.1) == pytest.approx(0.1)  # the floor at the end
+    assert [optimizer.lr_at(s, 10, 1.0, 0.2, "linear") for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert optimizer.lr_at(9, 10, 1.0, 0.2, "linear") == pytest.approx(1 - 7 / 8)
+    assert optimizer.lr_at(5, 10, 2.0, 0, "constant") == 2.0
+    assert optimizer.lr_at(2, 10, 1.0, 2, "cosine", 0.1) == pytest.approx(1.0)   # first step after warmup
+    assert optimizer.lr_at(10, 10, 1.0, 2, "cosine", 0.1) == pytest.approx(0.1)  # the floor at the end
 
 
 # ----------------------------------------------------------------------------------------------- coreset

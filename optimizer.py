@@ -1,0 +1,64 @@
+"""The optimizer and the learning-rate schedule of every training loop here (unlearn.py, relearn.py, make_toy.py).
+
+    opt = HFAdamW(params, lr=1e-5, fp32_state=True)        # AdamW with fp32 master weights for bf16 parameters
+    g["lr"] = lr_at(step, steps, 1e-5, 0.1, "linear")     # warmup, then constant / linear / cosine decay
+"""
+import math
+
+import torch
+
+
+class HFAdamW(torch.optim.Optimizer):
+    """AdamW for the two things torch.optim.AdamW cannot do: hf_eps (eps added to the uncorrected sqrt(v), as
+    transformers.AdamW, which the RMU reference uses: a different update for small v) and fp32_state (fp32
+    moments and fp32 master weights for bf16/fp16 parameters: a bf16 weight loses updates below half its ulp)."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, hf_eps=False, fp32_state=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, hf_eps=hf_eps,
+                                      fp32_state=fp32_state))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    sdt = torch.float32 if g["fp32_state"] else p.dtype
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p, dtype=sdt)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt)
+                    if g["fp32_state"] and p.dtype != torch.float32:
+                        st["master"] = p.detach().float().clone()
+                st["step"] += 1
+                t, m, v = st["step"], st["exp_avg"], st["exp_avg_sq"]
+                w = st.get("master", p)
+                grad = p.grad.to(m.dtype)
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+                if g["hf_eps"]:
+                    denom, step_size = v.sqrt().add_(eps), lr * math.sqrt(bc2) / bc1
+                else:
+                    denom, step_size = (v.sqrt() / math.sqrt(bc2)).add_(eps), lr / bc1
+                if wd:
+                    w.mul_(1 - lr * wd)
+                w.addcdiv_(m, denom, value=-step_size)
+                if w is not p:
+                    p.copy_(w)
+
+
+def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):
+    """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup` steps (>= 1) or that fraction
+    of the steps (< 1), then constant, linear decay to 0, or cosine decay to min_frac * base."""
+    w = int(round(warmup * steps)) if 0 < warmup < 1 else int(warmup)
+    if w and step < w:
+        return base * (step + 1) / w
+    if schedule == "constant":
+        return base
+    prog = (step - w) / max(1, steps - w)
+    if schedule == "linear":
+        return base * (1 - prog)
+    return base * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
