@@ -24,7 +24,7 @@ import data
 import evaluate
 import methods
 import unlearn
-from model import load_tokenizer
+from hf_tokenizer import load_tokenizer
 from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, pyplot,
                    run_info, save_figure, split_list, write_results)
 

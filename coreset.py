@@ -146,6 +146,22 @@ def read_coreset(path, forget_files, sizes, with_texts=False):
     return ([sorted(s_) for s_ in sel], texts) if with_texts else [sorted(s_) for s_ in sel]
 
 
+def chosen_documents(cfg, forget_docs):
+    """The documents an unlearning run trains on (cfg.coreset, cfg.ratio, cfg.seed, cfg.forget as unlearn.py's
+    flags): a coreset file, a seeded random draw (the same as --method random), or all. -> (sorted indices per
+    forget file, texts per forget file: the documents', or the coreset's own where it gives them, a keyword-only
+    forget set's)."""
+    sizes = [len(d) for d in forget_docs]
+    if cfg.coreset:
+        sel, given = read_coreset(cfg.coreset, cfg.forget, sizes, with_texts=True)
+    elif cfg.ratio is not None:
+        sel = [random_indices(n, coreset_size(cfg.ratio, n), cfg.seed, t).tolist() for t, n in enumerate(sizes)]
+        given = [{} for _ in sizes]
+    else:
+        sel, given = [list(range(n)) for n in sizes], [{} for _ in sizes]
+    return sel, [[g.get(i, docs[i]) for i in idx] for docs, idx, g in zip(forget_docs, sel, given)]
+
+
 # ----------------------------------------------------------------------------------------------- selection
 
 @dataclass

@@ -41,7 +41,7 @@ import sweep_queue
 import unlearn
 from coreset import CoresetError, coreset_size
 from data import UTILITY_TASKS, is_utility, metric_pct
-from model import load_tokenizer
+from hf_tokenizer import load_tokenizer
 from infra import TOY_DIR, TOY_MODEL, atomic_write_json, cli_main, pyplot, run_info, save_figure, split_list, write_results
 
 BUDGETS = ("equal-steps", "equal-epochs")

@@ -2,6 +2,7 @@
 
     ProjectError            the one error base class: every module's own error derives from it, so each main()
                             catches one class and prints one line (`cli_main`)
+    CheckpointError         a model or tokenizer directory that cannot be read (model.py, hf_tokenizer.py)
     atomic_write_lines/json a temporary file beside the target, then a rename: never a half-written file
     replace_dir             move a finished directory into place as a whole
     check_output            the one output-path policy: never an input, never someone else's files, writable
@@ -36,6 +37,10 @@ UNSEEN_RETAIN_FILE = "retain_unseen.jsonl"
 
 class ProjectError(ValueError):
     """Bad input or a failed run; the message names the flag or file and what was expected (one line)."""
+
+
+class CheckpointError(ProjectError):
+    """A model or tokenizer directory that cannot be read; the message names the file."""
 
 
 # ----------------------------------------------------------------------------------------------- atomic outputs

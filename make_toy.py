@@ -242,7 +242,7 @@ def _cap(s):
 def toy_accuracy(model, tok_dir, data_dir):
     """acc on toy_hazard / toy_general, scored by evaluate.py in lm-eval's cloze form (as the harness scores ARC)."""
     from evaluate import evaluate_tasks
-    from model import load_tokenizer
+    from hf_tokenizer import load_tokenizer
     res = evaluate_tasks(model, load_tokenizer(tok_dir), data_dir, ["toy_hazard", "toy_general"], progress=False)
     return {"hazard": round(res["results"]["toy_hazard"]["acc"], 4), "general": round(res["results"]["toy_general"]["acc"], 4)}
 

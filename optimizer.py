@@ -1,5 +1,6 @@
 """The optimizer and the learning-rate schedule of every training loop here (unlearn.py, relearn.py, make_toy.py).
 
+    opt = adamw(params, lr=1e-5, fp32_state=True)          # torch's AdamW, or HFAdamW where torch's cannot do it
     opt = HFAdamW(params, lr=1e-5, fp32_state=True)        # AdamW with fp32 master weights for bf16 parameters
     g["lr"] = lr_at(step, steps, 1e-5, 0.1, "linear")     # warmup, then constant / linear / cosine decay
 """
@@ -48,6 +49,17 @@ class HFAdamW(torch.optim.Optimizer):
                 w.addcdiv_(m, denom, value=-step_size)
                 if w is not p:
                     p.copy_(w)
+
+
+def adamw(params, lr, eps=1e-8, weight_decay=0.0, hf_eps=False, fp32_state=False, sharded=False):
+    """The optimizer of every training loop: HFAdamW where it is needed (hf_eps, or fp32_state with bf16/fp16
+    parameters), else torch.optim.AdamW, fused on CUDA (not on FSDP2 shards, `sharded`), foreach on the CPU."""
+    params = list(params)
+    if hf_eps or (fp32_state and any(p.dtype != torch.float32 for p in params)):
+        return HFAdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, hf_eps=hf_eps, fp32_state=fp32_state)
+    cuda = params[0].device.type == "cuda" and not sharded
+    return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=cuda or None,
+                             foreach=None if cuda else True)
 
 
 def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):

@@ -136,10 +136,8 @@ def relearn(model, tok, texts, steps, att, seed, progress=False, desc="relearn")
     params = [p for p in model.parameters()]
     for p in params:
         p.requires_grad_(True)
-    if params[0].dtype == torch.float32:
-        opt = torch.optim.AdamW(params, lr=att["lr"], weight_decay=att["weight_decay"])
-    else:   # bf16 weights: fp32 master copy and moments, as unlearning's NPO family
-        opt = optimizer.HFAdamW(params, lr=att["lr"], weight_decay=att["weight_decay"], fp32_state=True)
+    # bf16 weights: fp32 master copy and moments, as unlearning's NPO family
+    opt = optimizer.adamw(params, att["lr"], weight_decay=att["weight_decay"], fp32_state=True)
     device, hist = params[0].device, []
     model.train()
     bar = progress_bar(steps, desc, disable=not progress)

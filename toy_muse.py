@@ -178,7 +178,7 @@ def build(args):
     import torch
     from tokenizers import Tokenizer
     from make_toy import encoder, model_config, toy_accuracy, train_model
-    from model import load_tokenizer
+    from hf_tokenizer import load_tokenizer
     t0 = time.time()
     split = write_muse_split(args.out, args.seed, args.scale)
     d = os.path.join(args.out, MUSE_DIR)

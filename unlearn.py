@@ -22,16 +22,13 @@ mse(h_L(x_f), c) + alpha * mse(h_L(x_r), h_L^frozen(x_r)) at the output of decod
 position, pads included, with left-pad rows attending as in the reference's transformers (--pad-attention all);
 only --params of --layer-ids train; topics interleaved; left padding with EOS; steps = min(max_num_batches,
 #batches of the smallest FULL forget file, of the smallest retain file), so a coreset is cycled to the same number
-of steps. Efficient, same numbers: the forward stops at
-layer L; layers below min(layer_ids) run once without gradients and feed both the updated and the frozen path; the
-frozen model is not a second model but copies of the trained matrices (objectives.py); recurring trunk outputs
-and frozen targets are cached within --cache-gib. Losses in fp32.
+of steps. Losses in fp32. objectives.py computes the same numbers cheaply (truncated forward, one frozen trunk,
+no second model, an activation cache within --cache-gib).
 
 NPO family (REFERENCE section 3): per step one forget batch (topics interleaved, right padding) and one retain
 batch; fp32 master weights and Adam state for bf16 weights (--no-fp32-optimizer-state: pure bf16); npo / simnpo /
-graddiff forget terms + gamma * CE_retain (gd) or KL(ref || current) (kl). Reference
-log-probs are computed once before training (no second model resident); every log-prob goes through
-lpkernels.fused_sequence_loss / fused_logprob (the (N, V) logits never exist), except the KL term.
+graddiff forget terms + gamma * CE_retain (gd) or KL(ref || current) (kl). Reference log-probs are computed once
+before training (no second model resident); the log-probs go through the fused kernels (objectives.py).
 
 Under torchrun (multigpu.py) the NPO family is sharded with FSDP2 and RMU runs data parallel; each rank takes its rows
 of every global batch and the losses are weighed so that the run computes what one process computes. Rank 0
@@ -68,29 +65,12 @@ from data import read_corpora, read_corpus
 from infra import (ProjectError, atomic_write_json, check_output, cli_main, is_run_dir, peak_memory, per_topic, progress_bar,
                    resolve_dtype, run_info, staged_dir)
 from loglik import eval_settings
-from model import TOKENIZER_FILES, load
+from hf_tokenizer import TOKENIZER_FILES
+from model import load
 
 
 class UnlearnError(ProjectError):
     """A failed run (non-finite loss or weights, bad coreset); the message says what and where."""
-
-
-# ----------------------------------------------------------------------------------------------- coreset
-
-def select(cfg, forget_docs):
-    """Per forget file the selected document indices (sorted): --coreset, --ratio (a seeded random draw, the same
-    as coreset.py --method random), or all. -> (indices per forget file, texts per forget file): the selected
-    documents' texts, or the coreset's own texts where it gives them (a keyword-only forget set)."""
-    sizes = [len(d) for d in forget_docs]
-    if cfg.coreset:
-        sel, given = coreset.read_coreset(cfg.coreset, cfg.forget, sizes, with_texts=True)
-    elif cfg.ratio is not None:
-        sel = [coreset.random_indices(n, coreset.coreset_size(cfg.ratio, n), cfg.seed, t).tolist()
-               for t, n in enumerate(sizes)]
-        given = [{} for _ in sizes]
-    else:
-        sel, given = [list(range(n)) for n in sizes], [{} for _ in sizes]
-    return sel, [[g.get(i, docs[i]) for i in idx] for docs, idx, g in zip(forget_docs, sel, given)]
 
 
 # ----------------------------------------------------------------------------------------------- what trains
@@ -117,15 +97,8 @@ def build(cfg, model):
     train = trainable(model, cfg)
     for p in train.values():
         p.requires_grad_(True)
-    params = list(dict.fromkeys(train.values()))
-    low_precision = any(p.dtype != torch.float32 for p in params)
-    if cfg.hf_adam_eps or (cfg.fp32_optimizer_state and low_precision):
-        opt = optimizer.HFAdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, hf_eps=cfg.hf_adam_eps,
-                      fp32_state=cfg.fp32_optimizer_state)
-    else:
-        cuda = params[0].device.type == "cuda" and not multigpu.is_sharded(model)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                fused=cuda or None, foreach=None if cuda else True)
+    opt = optimizer.adamw(dict.fromkeys(train.values()), cfg.lr, cfg.adam_eps, cfg.weight_decay, cfg.hf_adam_eps,
+                          cfg.fp32_optimizer_state, sharded=multigpu.is_sharded(model))
     return train, opt
 
 
@@ -326,7 +299,7 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
     uniq = list(dict.fromkeys(real))  # wikitext,wikitext: one corpus
     retain_docs = read_corpora([cfg.retain[real.index(u)] for u in uniq], cfg.min_chars)
     retain_of = [uniq.index(r) for r in (real if len(real) > 1 else real * len(cfg.forget))]
-    sel, forget_sel = select(cfg, forget_docs)
+    sel, forget_sel = coreset.chosen_documents(cfg, forget_docs)
     memory = methods.check_device_memory(cfg, device, dtype, shards=world.size if sharded else 1)
     settings = eval_settings(cfg.eval_preset, cfg.eval_bos, cfg.eval_ll_dtype, cfg.model)
     torch.manual_seed(cfg.seed)

@@ -16,7 +16,8 @@ import jailbreak as J
 import relearn as R
 from data import TASKS
 from infra import ROOT, ProjectError
-from model import Transformer, load, load_tokenizer
+from hf_tokenizer import load_tokenizer
+from model import Transformer, load
 
 from test_unlearn import tiny  # noqa: F401  (the tiny model and corpora fixture)
 

@@ -91,7 +91,7 @@ def test_chunked_items_count_documents(tiny):
     assert rec["retain"] == [{"file": "r", "docs_available": 3, "docs_seen": 2}]   # retain pieces too
     # "E epochs of the full set" counts pieces when documents are chunked
     from data import read_corpus
-    from model import load_tokenizer
+    from hf_tokenizer import load_tokenizer
     tok, docs = load_tokenizer(tiny["model"]), read_corpus(tiny["forget"])[:5]
     assert B.full_set_items(SimpleNamespace(chunk_tokens=0), [docs, docs[:2]]) == [5, 2]
     pieces = sum(-(-len(ids) // 8) for ids in tok.encode_batch(docs))

@@ -25,7 +25,8 @@ import losses
 import methods
 import objectives
 from infra import TOY_MODEL, ProjectError
-from model import Transformer, load_tokenizer
+from hf_tokenizer import load_tokenizer
+from model import Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,15 +86,14 @@ def test_random_matches_unlearn_ratio_and_is_seeded():
     seed * 1000003 + file index, a sorted sample."""
     from types import SimpleNamespace
 
-    import unlearn
     for n, r, seed, t in [(100, 0.05, 0, 0), (37, 0.2, 3, 1), (9, 4, 1, 0)]:
         k = C.coreset_size(r, n)
         want = sorted(random.Random(seed * 1_000_003 + t).sample(range(n), k))
         assert C.random_indices(n, k, seed, t).tolist() == want
     cfg = SimpleNamespace(coreset=None, ratio=0.2, seed=3, forget=["a", "b"])
     docs = [["x"] * 37, ["y"] * 12]
-    assert unlearn.select(cfg, docs)[0] == [C.random_indices(37, 7, 3, 0).tolist(), C.random_indices(12, 2, 3, 1).tolist()]
-    assert unlearn.select(SimpleNamespace(coreset=None, ratio=None), docs)[0] == [list(range(37)), list(range(12))]
+    assert C.chosen_documents(cfg, docs)[0] == [C.random_indices(37, 7, 3, 0).tolist(), C.random_indices(12, 2, 3, 1).tolist()]
+    assert C.chosen_documents(SimpleNamespace(coreset=None, ratio=None), docs)[0] == [list(range(37)), list(range(12))]
     a = C.random_indices(200, 10, 0)
     assert list(a) == list(C.random_indices(200, 10, 0)) and list(a) != list(C.random_indices(200, 10, 1))
     assert list(a) != list(C.random_indices(200, 10, 0, 1))
@@ -269,7 +269,6 @@ def test_keywords_cli_writes_a_coreset_with_texts(tmp_path):
 # ----------------------------------------------------------------------------------------------- unlearn reads it
 
 def test_coreset_file_read_back_by_unlearn(tiny, tmp_path):
-    import unlearn
     out = tmp_path / "cs.jsonl"
     C.select(sel_args(tiny, out, method="mink", ratio="0.25"))
     files = [tiny["f1"], tiny["f2"]]
@@ -281,7 +280,7 @@ def test_coreset_file_read_back_by_unlearn(tiny, tmp_path):
     # unlearn.py --coreset reads it through the same function
     from types import SimpleNamespace
     cfg = SimpleNamespace(coreset=str(out), ratio=None, seed=0, forget=files)
-    assert unlearn.select(cfg, [data.read_corpus(f) for f in files])[0] == got
+    assert C.chosen_documents(cfg, [data.read_corpus(f) for f in files])[0] == got
 
 
 @pytest.mark.parametrize("lines, msg", [

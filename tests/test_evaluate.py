@@ -24,7 +24,8 @@ import losses
 import muse_eval as MU
 from benches import eval_speed
 from infra import ProjectError
-from model import ModelConfig, Transformer, load, load_tokenizer
+from hf_tokenizer import load_tokenizer
+from model import ModelConfig, Transformer, load
 
 WORDS = ("alpha beta gamma delta omega river stone cloud metal glass paper tiger eagle salmon maple cedar "
          "copper silver carbon sodium virus enzyme protein kernel socket packet cipher buffer router").split()

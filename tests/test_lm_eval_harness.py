@@ -28,7 +28,8 @@ import torch
 
 import data
 import evaluate as E
-from model import Transformer, load_tokenizer
+from hf_tokenizer import load_tokenizer
+from model import Transformer
 
 pytestmark = pytest.mark.harness  # make test-fast leaves these out
 

@@ -9,8 +9,9 @@ import torch
 
 import model as M
 from helpers import bpe_tokenizer
-from infra import ProjectError, atomic_write_json, atomic_write_lines
-from model import CheckpointError, ModelConfig, Transformer, load_tokenizer
+from hf_tokenizer import load_tokenizer
+from infra import CheckpointError, ProjectError, atomic_write_json, atomic_write_lines
+from model import ModelConfig, Transformer
 
 
 def need_transformers():

@@ -18,7 +18,8 @@ import helpers
 import methods
 import unlearn as U
 from benches.eval_speed import harness_hf_loglikelihoods, harness_lm_eval_loglikelihoods
-from model import Transformer, load, load_tokenizer
+from hf_tokenizer import load_tokenizer
+from model import Transformer, load
 from real_checkpoint import smollm2_dir
 
 pytestmark = pytest.mark.real  # make test-fast leaves these out
@@ -206,7 +207,7 @@ def test_tokenizer_special_tokens_match_transformers(tok, hf_tok):
 
 @pytest.mark.parametrize("name", list(TOKENIZER_TEXTS))
 def test_tokenizer_matches_transformers(tok, hf_tok, name):
-    """Token ids of model.load_tokenizer vs transformers.AutoTokenizer, with and without special tokens (single and
+    """Token ids of hf_tokenizer.load_tokenizer vs transformers.AutoTokenizer, with and without special tokens (single and
     batch encoding), and decoding: lossless round trip, and the same text as transformers' decode."""
     text = TOKENIZER_TEXTS[name]
     for special in (True, False):
@@ -473,7 +474,7 @@ def test_export_keeps_the_chat_template(ckpt, rmu_run, transformers):
     """The export is a complete checkpoint of the same (instruct) model. Current transformers saves a tokenizer's
     chat template as chat_template.jinja beside tokenizer_config.json (no longer inside it), as in this checkpoint;
     the export must carry it, or apply_chat_template fails on the unlearned model. FAILS at the time of writing:
-    model.TOKENIZER_FILES, the files save_pretrained (and Tokenizer.save) copy, has no chat_template.jinja."""
+    hf_tokenizer.TOKENIZER_FILES, the files save_pretrained copies, has no chat_template.jinja."""
     export = rmu_run[1]
     base_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     assert base_tok.chat_template  # the checkpoint has one (materialised by transformers into chat_template.jinja)

@@ -16,7 +16,7 @@ import make_toy
 import muse_eval
 import toy_muse
 from infra import ROOT, TOY_DIR, ProjectError
-from model import load_tokenizer
+from hf_tokenizer import load_tokenizer
 
 MUSE = TOY_DIR / "muse" / "toy"
 STEMS = ["raw_forget", "raw_retain1", "raw_holdout", "verbmem_forget", "knowmem_forget_qa", "knowmem_forget_qa_icl",

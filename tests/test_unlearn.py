@@ -21,7 +21,8 @@ import methods
 import optimizer
 import objectives as O
 import unlearn as U
-from model import ModelConfig, Transformer, load_tokenizer
+from hf_tokenizer import load_tokenizer
+from model import ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the quick brown fox jumps over lazy dog answer alpha beta gamma delta river stone".split()
@@ -335,7 +336,7 @@ def test_ratio_draws_the_same_documents_as_coreset_random(tiny, tmp_path):
     cfg = args_for(tiny, tmp_path / "o", "--ratio", "0.2", "--seed", "3",
                    "--forget", f"{tiny['forget']},{tiny['forget2']}")
     from data import read_corpus
-    sel = U.select(cfg, [read_corpus(tiny["forget"]), read_corpus(tiny["forget2"])])[0]
+    sel = coreset.chosen_documents(cfg, [read_corpus(tiny["forget"]), read_corpus(tiny["forget2"])])[0]
     rec = coreset.select(coreset.SelectConfig(method="random", forget=f"{tiny['forget']},{tiny['forget2']}",
                                               ratio=0.2, seed=3, out=str(tmp_path / "cs.jsonl"), progress=False))
     assert sel == coreset.read_coreset(rec["coreset"], cfg.forget, [30, 11]) and [len(x) for x in sel] == [6, 2]
