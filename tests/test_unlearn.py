@@ -309,6 +309,17 @@ def test_hf_adamw_matches_torch_and_fp32_master():
     assert om.state[wm]["exp_avg"].dtype == torch.float32
 
 
+def test_adamw_takes_the_own_optimizer_only_where_torch_cannot():
+    fp32 = [torch.nn.Parameter(torch.zeros(3))]
+    bf16 = [torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))]
+    assert type(optimizer.adamw(fp32, 1e-3, fp32_state=True)) is torch.optim.AdamW      # fp32 weights: nothing to keep
+    assert type(optimizer.adamw(bf16, 1e-3, fp32_state=True)) is optimizer.HFAdamW     # bf16: fp32 master weights
+    assert type(optimizer.adamw(bf16, 1e-3)) is torch.optim.AdamW                      # pure bf16, as asked
+    opt = optimizer.adamw(fp32, 1e-3, eps=1e-6, weight_decay=0.1, hf_eps=True)         # the RMU reference's eps rule
+    assert type(opt) is optimizer.HFAdamW and opt.param_groups[0]["hf_eps"] and opt.param_groups[0]["eps"] == 1e-6
+    assert optimizer.adamw(fp32, 2e-3, weight_decay=0.1).param_groups[0]["weight_decay"] == 0.1
+
+
 @pytest.mark.parametrize("extra,own", [([], False), (["--hf-adam-eps"], True),
                                        (["--fp32-optimizer-state", "--dtype", "bfloat16"], True),
                                        (["--fp32-optimizer-state"], False)])
