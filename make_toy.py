@@ -424,7 +424,10 @@ def build(args):
     accs = toy_accuracy(model, tok_dir, args.out)
     print(f"make_toy: trained in {train_s:.0f}s; accuracy hazard {accs['hazard']:.3f} general {accs['general']:.3f}")
     rec = {"hazard_acc": accs["hazard"], "general_acc": accs["general"], "n_hazard": len(hq), "n_general": len(gq),
-           "seed": args.seed, "train_s": round(train_s, 1), "scoring": "evaluate.py (lm-eval's cloze form, acc)"}
+           "seed": args.seed, "train_s": round(train_s, 1), "scoring": "evaluate.py (lm-eval's cloze form, acc)",
+           # the CPU kernels torch chose (AVX2, AVX512, ...): 2000 steps on other kernels round differently and end
+           # at a slightly different model, so a retrain reproduces these numbers exactly only on the same kind
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads}
     if not args.skip_control:  # the same recipe without the forget corpus: hazard accuracy must be near chance
         control, _, control_s = train_model(args, retain, encode, cfg)
         c = toy_accuracy(control, tok_dir, args.out)

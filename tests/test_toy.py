@@ -173,7 +173,8 @@ def test_shipped_model_meets_issue_targets(shipped_accuracy):
 @pytest.mark.slow
 def test_same_recipe_without_forget_corpus_is_near_chance_on_hazard():
     """The control of the issue's target, trained now (make_toy's recipe and steps on the retain corpus only, with
-    the shipped tokenizer): hazard near chance, general still learned. About 11 min on 2 cores."""
+    the shipped tokenizer): hazard near chance, general still learned; make_toy's record reproduced exactly on the
+    CPU kernels it was built with, within 5 points on others. About 11 min on 2 cores (19 min on an AVX2-only one)."""
     from tokenizers import Tokenizer
     args = argparse.Namespace(**make_toy.DEFAULTS, eval_every=0, eval_fn=None)
     _, _, retain, _, _ = make_toy.make_benchmark(args.seed, args.scale)
@@ -184,8 +185,15 @@ def test_same_recipe_without_forget_corpus_is_near_chance_on_hazard():
     control, _, _ = make_toy.train_model(args, retain, make_toy.encoder(tok, args.fact_weight),
                                          make_toy.model_config(args, tok.get_vocab_size()), log=lambda *a, **k: None)
     acc = make_toy.toy_accuracy(control, mdir, TOY)
-    rec = json.load(open(os.path.join(mdir, "accuracy.json")))["no_forget"]
-    assert acc == {"hazard": rec["hazard_acc"], "general": rec["general_acc"]}   # make_toy's record, reproduced
+    built = json.load(open(os.path.join(mdir, "accuracy.json")))
+    rec = {"hazard": built["no_forget"]["hazard_acc"], "general": built["no_forget"]["general_acc"]}
+    here = torch.backends.cpu.get_cpu_capability()
+    if built.get("cpu_capability") == here and built.get("threads", args.threads) == args.threads:
+        assert acc == rec   # make_toy's record, reproduced bit for bit on the same CPU kernels
+    else:   # other kernels round differently over 2000 steps (measured: AVX2 here gives 0.24 / 0.6167 for the
+            # shipped record's 0.235 / 0.6389): the same recipe, a slightly different model
+        assert all(abs(acc[k] - rec[k]) <= 0.05 for k in rec), \
+            f"{acc} vs the record {rec} (built on CPU kernels {built.get('cpu_capability', 'unrecorded')}, here {here})"
     assert acc["hazard"] <= 0.35 and acc["general"] >= 0.60, acc
 
 
