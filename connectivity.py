@@ -38,7 +38,7 @@ import unlearn
 from infra import (TOY_DIR, TOY_MODEL, ProjectError, check_output, cli_main, is_results_file, parse_ratio,
                    pyplot, run_info, save_figure, split_list, write_results)
 from loglik import eval_settings
-from model import checkpoint_shards, load, open_safetensors
+from model import checkpoint_shards, iter_tensors, load, open_safetensors
 
 
 def build_parser():
@@ -114,15 +114,6 @@ def bezier(t):
     return [(1 - t) ** 2, 2 * t * (1 - t), t ** 2]
 
 
-def tensors_of(path, names) -> dict:
-    """name -> tensor (CPU) of `names` in the checkpoint at path."""
-    out = {}
-    for file in checkpoint_shards(Path(path)):
-        with open_safetensors(file) as f:
-            out.update({k: f.get_tensor(k) for k in f.keys() if k in names})
-    return out
-
-
 def walk(args, name, ends, settings, progress=True, weights=linear):
     """Evaluate the path through the checkpoints `ends` (A, B: the straight line; A, C, B with weights=bezier: the
     curve) -> {"path", "tensors", "points": [{t, metrics}], "barriers"}. Only the tensors that differ between
@@ -130,7 +121,7 @@ def walk(args, name, ends, settings, progress=True, weights=linear):
     names = set()
     for x, y in zip(ends, ends[1:]):
         names |= set(differing_tensors(x, y))
-    vals = [tensors_of(e, names) for e in ends]
+    vals = [dict(iter_tensors(e, names)) for e in ends]
     model, tok = load(ends[0], args.device, args.dtype)
     params = dict(model.named_parameters())
     ts = [i / (args.points - 1) for i in range(args.points)]
@@ -199,10 +190,12 @@ def train_control(args, a, b):
     the ends; the full forget set) into --out/c -> its checkpoint dir (the base with C in the trained tensors)."""
     common = {"out": str(Path(args.out) / "c"), "eval_tasks": "none", "progress": not args.no_progress,
               **arms.shared_settings(args)}   # --unlearn-args last, as for the ends
+    common["update_scale"] = 1.0   # C is the fitted control point, not an unlearned model: kept as trained
     cfg = methods.resolve(common)
     ends = {}
     rec = unlearn.run(cfg, given=common, wrap_optimizer=lambda train, opt: ends.setdefault(
-        "opt", BezierControl(train, opt, tensors_of(a, set(train)), tensors_of(b, set(train)), args.seed)))
+        "opt", BezierControl(train, opt, dict(iter_tensors(a, set(train))), dict(iter_tensors(b, set(train))),
+                             args.seed)))
     return str(Path(args.out) / "c" / "model"), {"loss": rec["loss"], "t": ends["opt"].ts, "steps": rec["steps"]}
 
 

@@ -83,6 +83,8 @@ class UnlearnConfig:
     memory_check: bool = True             # refuse, before loading, a run whose estimate exceeds the GPU's memory
     forget_max_len: list = field(default_factory=lambda: [512])   # tokens per forget document, per topic
     retain_max_len: int = 512
+    update_scale: float = 1.0             # after the last step theta = theta_base + s (theta - theta_base) on the
+                                          # trained tensors (task arithmetic's coefficient); 1: the run as trained
 
 
 @dataclass
@@ -121,8 +123,11 @@ class NPOConfig(UnlearnConfig):
     npo_mean_tokens: bool = True          # token-mean log-probs (the WMDP runs); False: summed (NPO paper, MUSE)
     chunk_tokens: int = 0                 # split documents into pieces of N tokens (MUSE); 0: truncate
     activation_checkpointing: bool = False  # keep each decoder block's input only, recompute it in the backward
+    train_scope: str = "all"              # all: every parameter (the reference) | layers: the decoder layers only
+                                          # (embeddings, lm_head and the final norm frozen)
 
 
+TRAIN_SCOPES = ("all", "layers")
 LIST_FIELDS = {"forget": str, "retain": str, "eval_tasks": str, "forget_max_len": int, "steering_coeffs": float,
                "alpha": float, "layer_ids": int, "params": str, "raw_json_topics": int}
 # data/toy/defaults.json may spell a few keys as the reference's flags do
@@ -325,6 +330,8 @@ def check(cfg):
         _fail("lr_schedule", cfg.lr_schedule, "constant, linear or cosine")
     if not cfg.max_grad_norm >= 0:
         _fail("max_grad_norm", cfg.max_grad_norm, "a number > 0, or 0 for no clipping")
+    if not (math.isfinite(cfg.update_scale) and cfg.update_scale > 0):
+        _fail("update_scale", cfg.update_scale, "a number > 0 (1: the weights as trained; < 1 towards the base)")
     resolve_dtype(cfg.dtype, "cpu")  # the one dtype-name check (infra)
     if any(not 0 <= t < len(cfg.forget) for t in cfg.raw_json_topics):
         _fail("raw_json_topics", ",".join(map(str, cfg.raw_json_topics)), f"forget topic indices in 0..{len(cfg.forget) - 1}")
@@ -376,6 +383,8 @@ def _check_npo(cfg):
         _fail("gamma", cfg.gamma, "a number >= 0")
     if cfg.retain_loss not in ("gd", "kl", "none"):
         _fail("retain_loss", cfg.retain_loss, "gd, kl or none")
+    if cfg.train_scope not in TRAIN_SCOPES:
+        _fail("train_scope", cfg.train_scope, " or ".join(TRAIN_SCOPES))
     if cfg.chunk_tokens < 0 or cfg.chunk_tokens == 1:
         _fail("chunk_tokens", cfg.chunk_tokens, "0 (truncate) or a piece length >= 2")
     if cfg.steps is None and cfg.epochs is None:
@@ -389,7 +398,7 @@ GIB = 2 ** 30
 
 def param_counts(mc: dict, cfg=None) -> tuple:
     """(all parameters, trained parameters) from a config.json dict: RMU trains --params of --layer-ids, the NPO
-    family (and cfg None: full fine-tuning) everything."""
+    family its --train-scope (and cfg None: full fine-tuning) everything."""
     d, f, L, V = mc["hidden_size"], mc["intermediate_size"], mc["num_hidden_layers"], mc["vocab_size"]
     H = mc["num_attention_heads"]
     kv, hd = mc.get("num_key_value_heads") or H, mc.get("head_dim") or d // H
@@ -397,8 +406,10 @@ def param_counts(mc: dict, cfg=None) -> tuple:
               "self_attn.o_proj": H * hd * d, "mlp.gate_proj": d * f, "mlp.up_proj": d * f, "mlp.down_proj": f * d}
     layer = sum(matrix.values()) + 2 * d
     total = L * layer + V * d * (1 if mc.get("tie_word_embeddings") else 2) + d
-    if cfg is None or cfg.method != "rmu":
+    if cfg is None or (cfg.method != "rmu" and cfg.train_scope == "all"):
         return total, total
+    if cfg.method != "rmu":   # train_scope "layers": the decoder layers
+        return total, L * layer
     return total, len(cfg.layer_ids) * sum(matrix.get(pn, 0) for pn in cfg.params)
 
 

@@ -447,6 +447,16 @@ class open_safetensors:
         return self.handle.__exit__(*exc)
 
 
+def iter_tensors(path, names):
+    """(name, CPU tensor) for each of `names` stored in the checkpoint at path, one shard open at a time (a 7B
+    model's tensors are never all in memory at once)."""
+    for file in checkpoint_shards(Path(path)):
+        with open_safetensors(file) as f:
+            for k in f.keys():
+                if k in names:
+                    yield k, f.get_tensor(k)
+
+
 def load(path, device=None, dtype=None, allow_nonfinite=False):
     """The one way scripts load a checkpoint: -> (model in eval mode, tokenizer). device None: cuda when available;
     dtype None (or a name): bf16 on a GPU, fp32 on a CPU. A tensor with NaN or inf values is refused (it would

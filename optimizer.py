@@ -1,12 +1,18 @@
-"""The optimizer and the learning-rate schedule of every training loop here (unlearn.py, relearn.py, make_toy.py).
+"""The optimizer, the learning-rate schedule and the update scale of the training loops here (unlearn.py, relearn.py,
+make_toy.py).
 
     opt = adamw(params, lr=1e-5, fp32_state=True)          # torch's AdamW, or HFAdamW where torch's cannot do it
     opt = HFAdamW(params, lr=1e-5, fp32_state=True)        # AdamW with fp32 master weights for bf16 parameters
     g["lr"] = lr_at(step, steps, 1e-5, 0.1, "linear")     # warmup, then constant / linear / cosine decay
+    scale_update(trained, base_dir, 0.85)                   # after the last step: base + 0.85 (trained - base)
 """
 import math
+from contextlib import contextmanager
 
 import torch
+
+from infra import CheckpointError
+from model import iter_tensors
 
 
 class HFAdamW(torch.optim.Optimizer):
@@ -74,3 +80,34 @@ def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):
     if schedule == "linear":
         return base * (1 - prog)
     return base * (min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * prog)))
+
+
+def scale_update(train: dict, base_dir, scale: float):
+    """Task arithmetic's coefficient on the run's update (Ilharco et al. 2023; WiSE-FT's weight-space pull towards
+    the starting model, Wortsman et al. 2022): theta = theta_base + scale * (theta - theta_base) for each trained
+    tensor, the base read back from its checkpoint one shard at a time; in float64, cast to the tensor's dtype."""
+    seen = set()
+    with torch.no_grad():
+        for name, base in iter_tensors(base_dir, set(train)):
+            p = train[name]
+            p.copy_(torch.lerp(base.to(p.device, torch.float64), p.double(), scale).to(p.dtype))
+            seen.add(name)
+    if seen != set(train):
+        raise CheckpointError(f"--update-scale: {base_dir} lacks trained tensor(s) {sorted(set(train) - seen)[:3]}")
+
+
+@contextmanager
+def update_scaled(train: dict, base_dir, scale: float):
+    """Inside the block the trained tensors are what the run would write if it stopped now (--update-scale applied);
+    after it, the weights as trained again: the budget curve's points are the models such runs would land."""
+    if scale == 1:
+        yield
+        return
+    kept = {k: p.detach().to("cpu", copy=True) for k, p in train.items()}
+    scale_update(train, base_dir, scale)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in train.items():
+                p.copy_(kept[k])

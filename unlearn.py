@@ -34,6 +34,10 @@ Under torchrun (multigpu.py) the NPO family is sharded with FSDP2 and RMU runs d
 of every global batch and the losses are weighed so that the run computes what one process computes. Rank 0
 evaluates, gathers the weights and writes the outputs.
 
+--update-scale S pulls the trained tensors back along the straight line to the base after the last step (task
+arithmetic's coefficient; the checkpoint, "after" and the budget curve's points are the scaled model's), and
+--train-scope layers trains the NPO family's decoder layers only; data/toy/README.md has what they do on the toy.
+
 Outputs in --out: model/ (Hugging Face layout, tokenizer copied) and run.json, written atomically. A non-finite
 loss, or a non-finite weight after the last update, stops the run before anything is written. On a GPU the memory
 the run needs is estimated before loading (methods.memory_estimate) and a run that cannot fit stops there.
@@ -76,10 +80,11 @@ class UnlearnError(ProjectError):
 # ----------------------------------------------------------------------------------------------- what trains
 
 def trainable(model, cfg) -> dict:
-    """name -> parameter trained: RMU the listed matrices of the listed layers; the NPO family everything."""
+    """name -> parameter trained: RMU the listed matrices of the listed layers; the NPO family everything, or
+    (--train-scope layers) the decoder layers' tensors only."""
     named = dict(model.named_parameters())
     if cfg.method != "rmu":
-        return named
+        return named if cfg.train_scope == "all" else {k: v for k, v in named.items() if k.startswith("model.layers.")}
     out = {}
     for i in cfg.layer_ids:
         for pn in cfg.params:
@@ -328,7 +333,8 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
     def after_step(step):   # the budget curve: the tasks every eval_every steps (the last step is the "after")
         if curve is not None and step % cfg.eval_every == 0 and step < cfg.steps:
             te = time.time()
-            curve.append({"step": step, "results": evaluate_model(cfg, model, tok, dtype, settings, False)[0]})
+            with optimizer.update_scaled(train, cfg.model, cfg.update_scale):
+                curve.append({"step": step, "results": evaluate_model(cfg, model, tok, dtype, settings, False)[0]})
             curve_eval_s[0] += time.time() - te
     train, opt = build(cfg, model)
     if wrap_optimizer is not None:
@@ -361,7 +367,10 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
             if unexpected or set(missing) - ({"lm_head.weight"} if final.config.tie_word_embeddings else set()):
                 raise UnlearnError(f"gathered state does not match {cfg.model}: missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}")
-        check_weights_finite(trainable(final, cfg) if sharded else train, cfg.steps)
+        trained = trainable(final, cfg) if sharded else train
+        if cfg.update_scale != 1:
+            optimizer.scale_update(trained, cfg.model, cfg.update_scale)
+        check_weights_finite(trained, cfg.steps)
         record = {
             **info, "method": cfg.method, "seed": cfg.seed, "toy": methods.is_toy(cfg.model), "steps": cfg.steps,
             "budget": spent, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
@@ -462,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on a GPU, stop before loading when the run's memory estimate exceeds the device's")
     g.add_argument("--forget-max-len", help="max tokens per forget document, one per topic (last repeats)")
     g.add_argument("--retain-max-len", type=int)
+    g.add_argument("--update-scale", type=float, help="after the last step, theta = base + S * (theta - base) on the "
+                   "trained tensors (task arithmetic's coefficient); 1: as trained")
     r = p.add_argument_group("RMU")
     r.add_argument("--max-num-batches", type=int)
     r.add_argument("--steering-coeffs", help="one per topic (last repeats)")
@@ -479,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--delta", type=float, help="SimNPO margin")
     n.add_argument("--retain-loss", choices=["gd", "kl", "none"])
     n.add_argument("--npo-mean-tokens", action=argparse.BooleanOptionalAction, help="token-mean log-probs in NPO")
+    n.add_argument("--train-scope", choices=["all", "layers"], help="all: every parameter (the reference); "
+                   "layers: the decoder layers only (embeddings, lm_head, final norm frozen)")
     n.add_argument("--chunk-tokens", type=int, help="split documents into pieces of N tokens (MUSE); 0: truncate")
     n.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute each decoder block in the backward (less memory, about a third more compute)")

@@ -240,7 +240,8 @@ def test_bezier_curve_on_a_tiny_model_passes_through_both_ends(tiny, tmp_path, m
         unlearn.run(methods.resolve(given), given=given)
     rec = C.main(["--a", str(tmp_path / "a" / "model"), "--b", str(tmp_path / "b" / "model"), "--base", tiny["model"],
                   "--forget", tiny["forget"], "--retain", tiny["retain"], "--seed", "0", "--data", str(data),
-                  "--points", "3", "--bezier", "--unlearn-args", " ".join(rmu), "--out", str(tmp_path / "out"),
+                  "--points", "3", "--bezier", "--unlearn-args", " ".join(rmu + ["--update-scale", "0.5"]),
+                  "--out", str(tmp_path / "out"),
                   "--no-progress", "--device", "cpu"])
     names = ["A <-> B", "A <-> B (Bezier)", "base <-> A", "base <-> B"]
     assert [p["path"] for p in rec["paths"]] == names
@@ -258,6 +259,8 @@ def test_bezier_curve_on_a_tiny_model_passes_through_both_ends(tiny, tmp_path, m
         else:
             assert torch.equal(c[k], base[k]), k
     assert set(curve["tensors"]) == trained and curve["through"] == [str(tmp_path / "out" / "c" / "model")]
+    # C is the fitted control point, not an unlearned model: --update-scale is for the ends, never applied to C
+    assert json.loads((tmp_path / "out" / "c" / "run.json").read_text())["config"]["update_scale"] == 1.0
     assert "A <-> B (Bezier)" in (tmp_path / "out" / "results.md").read_text()
 
 

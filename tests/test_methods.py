@@ -89,6 +89,10 @@ def test_grand_reads_the_same_defaults_as_training():
     ({"device": "tpu9"}, "--device 'tpu9'"),
     ({"method": "npo", "layer_id": 3}, "--layer-id: not a setting of --method npo"),
     ({"batch_size": 0}, "--batch-size 0"),
+    ({"update_scale": 0}, "--update-scale 0: expected a number > 0"),
+    ({"update_scale": float("nan")}, "--update-scale nan"),
+    ({"method": "npo", "train_scope": "mlp"}, "--train-scope mlp: expected all or layers"),
+    ({"train_scope": "layers"}, "--train-scope: not a setting of --method rmu"),
 ])
 def test_bad_settings_are_one_line_errors_before_any_work(overrides, msg):
     with pytest.raises(ProjectError) as e:

@@ -274,6 +274,62 @@ def test_npo_options_run(tiny, tmp_path, extra):
         assert rec["loss_parts"][0]["retain"] == pytest.approx(0.0, abs=1e-6)  # KL(ref || ref)
 
 
+def test_train_scope_layers_leaves_embeddings_head_and_final_norm(tiny, tmp_path):
+    cfg = args_for(tiny, tmp_path / "o", "--steps", "2", "--lr", "1e-2", "--train-scope", "layers", method="npo")
+    rec = U.run(cfg)
+    before, after = load_state(tiny["model"]), load_state(tmp_path / "o" / "model")
+    in_layers = {k for k in before if k.startswith("model.layers.")}
+    assert set(rec["trained_params"]) == in_layers and len(in_layers) < len(before)
+    for k in before:   # every decoder tensor moved (norms included), nothing outside them did
+        assert torch.equal(before[k], after[k]) == (k not in in_layers), k
+    mc = json.loads((Path(tiny["model"]) / "config.json").read_text())
+    assert methods.param_counts(mc, cfg)[1] == sum(before[k].numel() for k in in_layers)
+    assert methods.param_counts(mc, args_for(tiny, tmp_path / "p", method="npo"))[1] == methods.param_counts(mc)[0]
+
+
+@pytest.mark.parametrize("method,extra", [("rmu", []), ("npo", []), ("npo", ["--train-scope", "layers"])])
+def test_update_scale_moves_the_trained_tensors_back_along_the_line_to_the_base(tiny, tmp_path, method, extra):
+    """theta = base + s (theta_trained - base) on exactly the trained tensors; the same run at s = 1 gives
+    theta_trained (CPU runs are bitwise repeatable)."""
+    common = ["--steps", "3", "--lr", "1e-2", *extra]
+    U.run(args_for(tiny, tmp_path / "full", *common, method=method))
+    rec = U.run(args_for(tiny, tmp_path / "scaled", *common, "--update-scale", "0.3", method=method))
+    base, full, scaled = (load_state(p) for p in (tiny["model"], tmp_path / "full" / "model",
+                                                  tmp_path / "scaled" / "model"))
+    assert rec["config"]["update_scale"] == 0.3
+    moved = [k for k in base if not torch.equal(base[k], full[k])]
+    assert moved and set(moved) <= set(rec["trained_params"])
+    for k in base:
+        want = base[k].double() + 0.3 * (full[k].double() - base[k].double())
+        torch.testing.assert_close(scaled[k].double(), want, rtol=0, atol=1e-6)
+        if k not in moved:
+            assert torch.equal(scaled[k], base[k]), k
+
+
+def test_budget_curve_points_are_the_scaled_models_and_training_goes_on_unscaled(tiny, tmp_path, monkeypatch):
+    """With --update-scale and --eval-every, the curve's point at step k evaluates what a k-step run writes (the
+    scaled weights), and the weights go on training as they were: the final checkpoint is the one a run without the
+    curve writes. RMU's constant schedule and file order make step k the same in runs of any length."""
+    from data import TASKS
+    data = tmp_path / "data"
+    data.mkdir()
+    row = {"question": "the quick brown", "choices": ["fox", "dog", "river", "stone"], "answer": 0}
+    for name in ("toy_hazard", "toy_general"):
+        (data / TASKS[name][0]).write_text(json.dumps(row) + "\n")
+    name = "model.layers.1.mlp.down_proj.weight"
+    seen, evaluate_model = [], U.evaluate_model
+    monkeypatch.setattr(U, "evaluate_model", lambda cfg, model, *a: (
+        seen.append(dict(model.named_parameters())[name].detach().clone()), evaluate_model(cfg, model, *a))[1])
+    common = ["--lr", "1e-2", "--update-scale", "0.5", "--data", str(data), "--eval-tasks", "toy_hazard,toy_general"]
+    U.run(args_for(tiny, tmp_path / "one", "--steps", "1", *common))
+    U.run(args_for(tiny, tmp_path / "plain", "--steps", "3", *common))
+    seen.clear()
+    rec = U.run(args_for(tiny, tmp_path / "curve", "--steps", "3", "--eval-every", "1", *common, "--no-eval-cache"))
+    assert [p["step"] for p in rec["curve"]] == [0, 1, 2, 3] and len(seen) == 4   # before, steps 1 and 2, after
+    assert torch.equal(seen[1], load_state(tmp_path / "one" / "model")[name])
+    assert torch.equal(load_state(tmp_path / "curve" / "model")[name], load_state(tmp_path / "plain" / "model")[name])
+
+
 def test_kl_equals_full_kl():
     g = torch.Generator().manual_seed(0)
     h, hr = torch.randn(10, 8, generator=g, requires_grad=True), torch.randn(10, 8, generator=g)
@@ -412,6 +468,7 @@ def test_weight_check_names_the_tensor_and_step():
     (["--ratio", "2.5"], "whole number"),
     (["--method", "ga"], "--method: unknown method 'ga'"),
     (["--layer-ids", "1,3"], "--layer-ids"),
+    (["--update-scale", "-1"], "--update-scale -1.0: expected a number > 0"),
 ])
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path, argv, msg):
     base = ["--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"], "--out",
