@@ -85,7 +85,10 @@ def lr_at(step, steps, base, warmup, schedule, min_frac=0.0):
 def scale_update(train: dict, base_dir, scale: float):
     """Task arithmetic's coefficient on the run's update (Ilharco et al. 2023; WiSE-FT's weight-space pull towards
     the starting model, Wortsman et al. 2022): theta = theta_base + scale * (theta - theta_base) for each trained
-    tensor, the base read back from its checkpoint one shard at a time; in float64, cast to the tensor's dtype."""
+    tensor, the base read back from its checkpoint one shard at a time; in float64, cast to the tensor's dtype.
+    A scale of 1 reads nothing and changes nothing."""
+    if scale == 1:
+        return
     seen = set()
     with torch.no_grad():
         for name, base in iter_tensors(base_dir, set(train)):

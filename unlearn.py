@@ -368,8 +368,7 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
                 raise UnlearnError(f"gathered state does not match {cfg.model}: missing {missing[:3]}, "
                                    f"unexpected {unexpected[:3]}")
         trained = trainable(final, cfg) if sharded else train
-        if cfg.update_scale != 1:
-            optimizer.scale_update(trained, cfg.model, cfg.update_scale)
+        optimizer.scale_update(trained, cfg.model, cfg.update_scale)
         check_weights_finite(trained, cfg.steps)
         record = {
             **info, "method": cfg.method, "seed": cfg.seed, "toy": methods.is_toy(cfg.model), "steps": cfg.steps,
@@ -490,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--delta", type=float, help="SimNPO margin")
     n.add_argument("--retain-loss", choices=["gd", "kl", "none"])
     n.add_argument("--npo-mean-tokens", action=argparse.BooleanOptionalAction, help="token-mean log-probs in NPO")
-    n.add_argument("--train-scope", choices=["all", "layers"], help="all: every parameter (the reference); "
+    n.add_argument("--train-scope", choices=methods.TRAIN_SCOPES, help="all: every parameter (the reference); "
                    "layers: the decoder layers only (embeddings, lm_head, final norm frozen)")
     n.add_argument("--chunk-tokens", type=int, help="split documents into pieces of N tokens (MUSE); 0: truncate")
     n.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
