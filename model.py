@@ -353,12 +353,9 @@ class Transformer(nn.Module):
             parts = [f"{name}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
                      for name, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
             raise CheckpointError(f"{path}: checkpoint does not match config.json ({'; '.join(parts)})")
-        for file in shards:
-            with open_safetensors(file, device) as f:
-                for key in f.keys():
-                    if key in expected:
-                        module, name = model.get_submodule(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]
-                        module._parameters[name] = nn.Parameter(f.get_tensor(key).to(dtype), requires_grad=True)
+        for key, tensor in iter_tensors(path, expected, device):
+            module, name = model.get_submodule(key.rsplit(".", 1)[0]), key.rsplit(".", 1)[1]
+            module._parameters[name] = nn.Parameter(tensor.to(dtype), requires_grad=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.source_dir = path.resolve()
@@ -447,11 +444,11 @@ class open_safetensors:
         return self.handle.__exit__(*exc)
 
 
-def iter_tensors(path, names):
-    """(name, CPU tensor) for each of `names` stored in the checkpoint at path, one shard open at a time (a 7B
-    model's tensors are never all in memory at once)."""
+def iter_tensors(path, names, device="cpu"):
+    """(name, tensor on device) for each of `names` stored in the checkpoint at path, one shard open at a time (a
+    7B model's tensors are never all in memory at once): what loading and every weight-space analysis read."""
     for file in checkpoint_shards(Path(path)):
-        with open_safetensors(file) as f:
+        with open_safetensors(file, device) as f:
             for k in f.keys():
                 if k in names:
                     yield k, f.get_tensor(k)
