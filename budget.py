@@ -108,9 +108,12 @@ def batch_indices(n, batch_size, k, order, seed, stream):
     return tuple(int(i) for i in perm[j * batch_size:(j + 1) * batch_size])
 
 
-def make_plan(steps, accum, batch_size, forget_sizes, retain_sizes, retain_of, order, seed):
+def make_plan(steps, accum, batch_size, forget_sizes, retain_sizes, retain_of, order, seed, retain_order=0):
     """Micro-batch plan: a list over optimizer steps of lists of (topic, forget items, retain file, retain items);
-    items are index tuples into the topic's selected documents / the retain file's documents."""
+    items are index tuples into the topic's selected documents / the retain file's documents. retain_order i > 0
+    draws the retain batches from a stream of their own (--retain-orders); the forget batches stay the seed's."""
+    # order 0 keeps the stream a one-order run has; 1_000_003 is a tag no epoch number reaches
+    r_stream = lambda r: (1, r) if retain_order == 0 else (1, r, 1_000_003, retain_order)
     n_topics = len(forget_sizes)
     plan = []
     for s in range(steps):
@@ -120,7 +123,7 @@ def make_plan(steps, accum, batch_size, forget_sizes, retain_sizes, retain_of, o
             t, k = m % n_topics, m // n_topics
             r = retain_of[t]
             micro.append((t, batch_indices(forget_sizes[t], batch_size, k, order, seed, (0, t)), r,
-                          batch_indices(retain_sizes[r], batch_size, k, order, seed, (1, r))))
+                          batch_indices(retain_sizes[r], batch_size, k, order, seed, r_stream(r))))
         plan.append(micro)
     return plan
 

@@ -10,7 +10,8 @@ under the same number of steps. It shows how long a coreset needs to catch up wi
 Two unlearning runs (unlearn.run in process, no checkpoints kept): the full forget set and a seeded random `ratio`
 coreset, each evaluated every --every steps inside the run (unlearn's eval_every; step 0 is the base model).
 Steps: --steps N, or --epochs E of the FULL forget set (both runs get that count; the coreset is cycled), or by
-default the method's own budget on the full set (the toy's defaults.json; RMU's reference rule; NPO's 500).
+default the method's own budget on the full set (the toy's defaults.json; RMU's reference rule; NPO's 500). Each
+curve is one run: a --retain-orders K in the defaults (K runs averaged after their last step) is set to 1 here.
 Writes --out/results.{json,md,png} (json: the run record, both curves, both runs' budgets) and, with --docs PREFIX,
 copies them to PREFIX.{json,md,png}.
 """
@@ -59,7 +60,8 @@ def overrides(args, ratio, out) -> dict:
     ov = {"method": args.method, "model": args.model, "forget": args.forget, "retain": args.retain,
           "data": args.data, "eval_tasks": args.tasks, "eval_limit": args.eval_limit, "seed": args.seed,
           "ratio": ratio, "out": str(out), "save": False, "device": args.device, "progress": not args.no_progress,
-          "eval_cache_dir": str(Path(args.out) / ".eval_cache")}
+          "eval_cache_dir": str(Path(args.out) / ".eval_cache"),
+          "retain_orders": 1}   # a curve follows one run (a defaults' --retain-orders K is K runs averaged at the end)
     ov = {k: v for k, v in ov.items() if v is not None}
     extra = unlearn.overrides_from_argv(shlex.split(args.unlearn_args))
     if {"steps", "epochs", "eval_every", "eval_tasks"} & set(extra):

@@ -190,7 +190,8 @@ def train_control(args, a, b):
     the ends; the full forget set) into --out/c -> its checkpoint dir (the base with C in the trained tensors)."""
     common = {"out": str(Path(args.out) / "c"), "eval_tasks": "none", "progress": not args.no_progress,
               **arms.shared_settings(args)}   # --unlearn-args last, as for the ends
-    common["update_scale"] = 1.0   # C is the fitted control point, not an unlearned model: kept as trained
+    common["update_scale"] = 1.0   # C is the fitted control point, not an unlearned model: kept as trained,
+    common["retain_orders"] = 1    # and fitted once, on the ends' loss along the curve
     cfg = methods.resolve(common)
     ends = {}
     rec = unlearn.run(cfg, given=common, wrap_optimizer=lambda train, opt: ends.setdefault(

@@ -85,6 +85,8 @@ class UnlearnConfig:
     retain_max_len: int = 512
     update_scale: float = 1.0             # after the last step theta = theta_base + s (theta - theta_base) on the
                                           # trained tensors (task arithmetic's coefficient); 1: the run as trained
+    retain_orders: int = 1                # K > 1: K runs that differ only in the order of the retain batches (the
+                                          # first is the K = 1 run), and the average of their weights is the model
 
 
 @dataclass
@@ -332,6 +334,12 @@ def check(cfg):
         _fail("max_grad_norm", cfg.max_grad_norm, "a number > 0, or 0 for no clipping")
     if not (math.isfinite(cfg.update_scale) and cfg.update_scale > 0):
         _fail("update_scale", cfg.update_scale, "a number > 0 (1: the weights as trained; < 1 towards the base)")
+    if int(cfg.retain_orders) != cfg.retain_orders or cfg.retain_orders < 1:
+        _fail("retain_orders", cfg.retain_orders, "an integer >= 1 (1: one run)")
+    if cfg.retain_orders > 1 and cfg.order != "shuffle":
+        _fail("retain_orders", cfg.retain_orders, "1 with --order file (every retain order is the file's)")
+    if cfg.retain_orders > 1 and cfg.eval_every:
+        _fail("retain_orders", cfg.retain_orders, "1 with --eval-every (the budget curve follows one run)")
     resolve_dtype(cfg.dtype, "cpu")  # the one dtype-name check (infra)
     if any(not 0 <= t < len(cfg.forget) for t in cfg.raw_json_topics):
         _fail("raw_json_topics", ",".join(map(str, cfg.raw_json_topics)), f"forget topic indices in 0..{len(cfg.forget) - 1}")
@@ -387,6 +395,8 @@ def _check_npo(cfg):
         _fail("train_scope", cfg.train_scope, " or ".join(TRAIN_SCOPES))
     if cfg.chunk_tokens < 0 or cfg.chunk_tokens == 1:
         _fail("chunk_tokens", cfg.chunk_tokens, "0 (truncate) or a piece length >= 2")
+    if cfg.retain_orders > 1 and (cfg.retain_loss == "none" or not cfg.gamma):
+        _fail("retain_orders", cfg.retain_orders, "1 when the run has no retain term (--retain-loss none or --gamma 0)")
     if cfg.steps is None and cfg.epochs is None:
         raise ConfigError(f"--steps / --epochs: --method {cfg.method} needs a budget (the recipe's is 500 steps)")
 

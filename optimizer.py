@@ -99,6 +99,30 @@ def scale_update(train: dict, base_dir, scale: float):
         raise CheckpointError(f"--update-scale: {base_dir} lacks trained tensor(s) {sorted(set(train) - seen)[:3]}")
 
 
+class WeightMean:
+    """The plain average of the trained tensors over runs from one base (a uniform model soup, Wortsman et al. 2022;
+    the runs must share what they train). The sum is kept on the CPU in float32: for a full-parameter 7B run, 28 GB
+    of host memory and none on the GPU."""
+
+    def __init__(self):
+        self.sum, self.n = None, 0
+
+    def add(self, train: dict):
+        with torch.no_grad():
+            if self.sum is None:
+                self.sum = {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in train.items()}
+            else:
+                for k, p in train.items():
+                    self.sum[k] += p.detach().to("cpu", torch.float32)
+        self.n += 1
+
+    def write(self, train: dict):
+        """The trained tensors become the mean of the runs added."""
+        with torch.no_grad():
+            for k, p in train.items():
+                p.copy_((self.sum[k] / self.n).to(p.device, p.dtype))
+
+
 @contextmanager
 def update_scaled(train: dict, base_dir, scale: float):
     """Inside the block the trained tensors are what the run would write if it stopped now (--update-scale applied);

@@ -35,8 +35,10 @@ of every global batch and the losses are weighed so that the run computes what o
 evaluates, gathers the weights and writes the outputs.
 
 --update-scale S pulls the trained tensors back along the straight line to the base after the last step (task
-arithmetic's coefficient; the checkpoint, "after" and the budget curve's points are the scaled model's), and
---train-scope layers trains the NPO family's decoder layers only; data/toy/README.md has what they do on the toy.
+arithmetic's coefficient; the checkpoint, "after" and the budget curve's points are the scaled model's),
+--train-scope layers trains the NPO family's decoder layers only, and --retain-orders K trains K runs that differ
+only in the order of the retain batches and keeps the plain average of their weights (run.json's "retain_orders"
+has each member's losses and evaluation); data/toy/README.md has what they do on the toy.
 
 Outputs in --out: model/ (Hugging Face layout, tokenizer copied) and run.json, written atomically. A non-finite
 loss, or a non-finite weight after the last update, stops the run before anything is written. On a GPU the memory
@@ -292,6 +294,8 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
     sharded = world.size > 1 and cfg.method != "rmu"   # the NPO family on FSDP2; RMU is data parallel
     if world.size > 1 and (cfg.eval_every or wrap_optimizer is not None):
         raise UnlearnError("--eval-every: one process only (the curve evaluates the model mid-run)")
+    if cfg.retain_orders > 1 and (world.size > 1 or wrap_optimizer is not None):
+        raise UnlearnError("--retain-orders: one process and unlearn's own optimizer only (K > 1 restarts the run)")
     cfg.progress = cfg.progress and world.main
     inputs = [cfg.model, *cfg.forget, *cfg.retain, cfg.coreset] + evaluate.task_files(cfg.eval_tasks, cfg.data)
     world.on_main(lambda: check_output(cfg.out, inputs, "--out", ours=is_previous_run, overwrite=cfg.overwrite,
@@ -320,15 +324,16 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
     fb, rb = budget.corpus_batches(cfg, tok, forget_sel, retain_docs)
     cfg.steps, rule = budget.resolve_steps(cfg, [len(d) for d in forget_docs], [len(b) for b in fb],
                                            [len(d) for d in retain_docs])
-    plan = budget.make_plan(cfg.steps, cfg.grad_accum, cfg.batch_size, [len(b) for b in fb], [len(b) for b in rb],
-                            retain_of, cfg.order, cfg.seed)
+    plans = [budget.make_plan(cfg.steps, cfg.grad_accum, cfg.batch_size, [len(b) for b in fb], [len(b) for b in rb],
+                              retain_of, cfg.order, cfg.seed, i) for i in range(cfg.retain_orders)]
+    plan = plans[0]
     spent = budget.budget_record(plan, rule, cfg.order, cfg.forget, [len(d) for d in forget_docs],
                                  [b.doc_of for b in fb], uniq, [b.doc_of for b in rb])
     for line in budget.coverage_warnings(spent) if world.main else []:
         print(f"unlearn: warning: {line}", file=sys.stderr)
     out = Path(cfg.out)
     curve = [{"step": 0, "results": before}] if cfg.eval_every and cfg.eval_tasks else None
-    curve_eval_s = [0.0]   # time in the curve's evaluations, kept out of train_s
+    curve_eval_s = [0.0]   # time in the curve's (or the retain orders') evaluations, kept out of train_s
 
     def after_step(step):   # the budget curve: the tasks every eval_every steps (the last step is the "after")
         if curve is not None and step % cfg.eval_every == 0 and step < cfg.steps:
@@ -343,12 +348,28 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     trainer = train_rmu if cfg.method == "rmu" else train_npo
-    hist, parts, extra = trainer(cfg, model, tok, fb, rb, plan, train, opt, device, after_step if curve else None,
-                                 world)
+    members, soup = [], optimizer.WeightMean()
+    for i, plan_i in enumerate(plans):   # --retain-orders K: K runs from the base, then the mean of their weights
+        if i:
+            optimizer.scale_update(train, cfg.model, 0.0)   # back to the base's weights, with a fresh optimizer
+            train, opt = build(cfg, model)
+        hist_i, parts_i, extra_i = trainer(cfg, model, tok, fb, rb, plan_i, train, opt, device,
+                                           after_step if curve else None, world)
+        if i == 0:
+            hist, parts, extra = hist_i, parts_i, extra_i
+        if len(plans) > 1:
+            te = time.time()   # what this member alone would land (scaled as the run is), kept out of train_s
+            with optimizer.update_scaled(train, cfg.model, cfg.update_scale):
+                after_i = evaluate_model(cfg, model, tok, dtype, settings, False)[0] if cfg.eval_tasks else None
+            members.append({"retain_order": i, "loss": hist_i, "loss_parts": parts_i, "after": after_i})
+            soup.add(train)
+            curve_eval_s[0] += time.time() - te
+    if members:
+        soup.write(train)
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.time() - t0 - curve_eval_s[0]
-    tokens = sum(len(x) for micro in plan for t, f, r, rr in micro for x in fb[t].tokens(f) +
+    tokens = sum(len(x) for p_ in plans for micro in p_ for t, f, r, rr in micro for x in fb[t].tokens(f) +
                  (rb[r].tokens(rr) if cfg.method == "rmu" or cfg.retain_loss != "none" else []))
     full = multigpu.full_state(model, world) if sharded else None   # a collective: every rank
     peaks = world.gather(peak_memory(device))
@@ -378,8 +399,8 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
                         "n_selected": [len(i) for i in sel], "indices": sel,
                         "texts_from_coreset": any(t != d[i] for ts, d, idx in zip(forget_sel, forget_docs, sel)
                                                   for t, i in zip(ts, idx))},
-            "trained_params": trained_names, "loss": hist, "loss_parts": parts, **extra,
-            "train_s": round(train_s, 3), "steps_per_s": cfg.steps / train_s if train_s > 0 else None,
+            "trained_params": trained_names, "loss": hist, "loss_parts": parts, **extra, "retain_orders": members,
+            "train_s": round(train_s, 3), "steps_per_s": cfg.steps * len(plans) / train_s if train_s > 0 else None,
             "tokens_per_s": tokens / train_s if train_s > 0 else None, "curve_eval_s": round(curve_eval_s[0], 3),
             "peak_memory_bytes": peaks[0], "memory_estimate_bytes": memory,
             "world": {"size": world.size, "parallel": "fsdp2" if sharded else "data" if world.size > 1 else None,
@@ -400,8 +421,9 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
             atomic_write_json(stage / "run.json", record)
         if cfg.eval_tasks:
             print(evaluate.format_table(before, record["eval"]["after"], cfg.method, cfg.steps, train_s))
-        print(f"unlearn: {cfg.method} {cfg.steps} steps ({spent['epochs']:g} epochs, {spent['order']} order) in "
-              f"{train_s:.1f}s ({cfg.steps / max(train_s, 1e-9):.2f} steps/s"
+        print(f"unlearn: {cfg.method} {cfg.steps} steps ({spent['epochs']:g} epochs, {spent['order']} order)"
+              + (f" x {len(plans)} retain orders, weights averaged," if len(plans) > 1 else "") +
+              f" in {train_s:.1f}s ({cfg.steps * len(plans) / max(train_s, 1e-9):.2f} steps/s"
               + (f", {world.size} processes" if world.size > 1 else "") + "), "
               f"{sum(p['docs_seen'] for p in spent['forget'])} forget docs seen; wrote {out / 'run.json'}"
               + (f" and {out / 'model'}" if cfg.save else ""))
@@ -472,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retain-max-len", type=int)
     g.add_argument("--update-scale", type=float, help="after the last step, theta = base + S * (theta - base) on the "
                    "trained tensors (task arithmetic's coefficient); 1: as trained")
+    g.add_argument("--retain-orders", type=int, help="K > 1: train K runs that differ only in the retain batches' "
+                   "order (the first is the K = 1 run) and keep the average of their weights; 1: one run")
     r = p.add_argument_group("RMU")
     r.add_argument("--max-num-batches", type=int)
     r.add_argument("--steering-coeffs", help="one per topic (last repeats)")

@@ -93,6 +93,10 @@ def test_grand_reads_the_same_defaults_as_training():
     ({"update_scale": float("nan")}, "--update-scale nan"),
     ({"method": "npo", "train_scope": "mlp"}, "--train-scope mlp: expected all or layers"),
     ({"train_scope": "layers"}, "--train-scope: not a setting of --method rmu"),
+    ({"method": "npo", "retain_orders": 2, "retain_loss": "none"}, "--retain-orders 2: expected 1 when the run has no "
+                                                                  "retain term"),
+    ({"method": "npo", "retain_orders": 3, "gamma": 0}, "--retain-orders 3: expected 1 when"),
+    ({"method": "npo", "retain_orders": 1.5}, "--retain-orders 1.5: expected an integer >= 1"),
 ])
 def test_bad_settings_are_one_line_errors_before_any_work(overrides, msg):
     with pytest.raises(ProjectError) as e:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import budget
 import coreset
 import helpers
 import losses
@@ -330,6 +331,44 @@ def test_budget_curve_points_are_the_scaled_models_and_training_goes_on_unscaled
     assert torch.equal(load_state(tmp_path / "curve" / "model")[name], load_state(tmp_path / "plain" / "model")[name])
 
 
+@pytest.mark.parametrize("method,extra", [("npo", []), ("rmu", ["--order", "shuffle"])])
+def test_retain_orders_average_runs_that_differ_only_in_the_retain_order(tiny, tmp_path, monkeypatch, method, extra):
+    """--retain-orders 3: the first member is the one-order run (same losses, same weights), every member is the run
+    its retain order alone gives (from the base, with a fresh optimizer), the members see the same forget batches and
+    different retain batches, and the checkpoint is the plain mean of the members' weights."""
+    common = ["--steps", "3", "--lr", "1e-2", "--ratio", "0.5", *extra]
+    one = U.run(args_for(tiny, tmp_path / "one", *common, method=method))
+    members, add = [], optimizer.WeightMean.add
+    monkeypatch.setattr(optimizer.WeightMean, "add", lambda self, train: (
+        members.append({k: p.detach().clone() for k, p in train.items()}), add(self, train)))
+    rec = U.run(args_for(tiny, tmp_path / "soup", *common, "--retain-orders", "3", method=method))
+    assert [m["retain_order"] for m in rec["retain_orders"]] == [0, 1, 2] and one["retain_orders"] == []
+    assert rec["loss"] == rec["retain_orders"][0]["loss"] == one["loss"]
+    assert rec["retain_orders"][1]["loss"] != one["loss"] and rec["retain_orders"][2]["loss"] != one["loss"]
+    soup, single = load_state(tmp_path / "soup" / "model"), load_state(tmp_path / "one" / "model")
+    assert len(members) == 3 and set(members[0]) == set(rec["trained_params"])
+    for k, first in members[0].items():
+        assert torch.equal(first, single[k]), k
+        torch.testing.assert_close(soup[k], (members[0][k] + members[1][k] + members[2][k]) / 3, rtol=0, atol=1e-6)
+    assert any(not torch.equal(members[0][k], members[1][k]) for k in members[0])
+    plan_of = budget.make_plan   # a one-order run on retain order 2 is the third member: each starts from the base
+    monkeypatch.setattr(budget, "make_plan", lambda *a: plan_of(*a[:8], 2))
+    U.run(args_for(tiny, tmp_path / "two", *common, method=method))
+    for k, third in load_state(tmp_path / "two" / "model").items():
+        if k in members[2]:
+            assert torch.equal(third, members[2][k]), k
+    base = load_state(tiny["model"])
+    for k in set(base) - set(rec["trained_params"]):
+        assert torch.equal(soup[k], base[k]), k
+    cfg = args_for(tiny, tmp_path / "x", *common, method=method)
+    fb, rb = [3, 2], [5]
+    plans = [plan_of(4, 1, 2, fb, rb, [0, 0], "shuffle", 7, i) for i in range(3)]
+    assert plans[0] == plan_of(4, 1, 2, fb, rb, [0, 0], "shuffle", 7)   # order 0: the one-order plan
+    assert all([(t, f) for m in p for t, f, _, _ in m] == [(t, f) for m in plans[0] for t, f, _, _ in m]
+               for p in plans)
+    assert len({tuple(rr for m in p for _, _, _, rr in m) for p in plans}) == 3 and cfg.retain_orders == 1
+
+
 def test_kl_equals_full_kl():
     g = torch.Generator().manual_seed(0)
     h, hr = torch.randn(10, 8, generator=g, requires_grad=True), torch.randn(10, 8, generator=g)
@@ -469,6 +508,10 @@ def test_weight_check_names_the_tensor_and_step():
     (["--method", "ga"], "--method: unknown method 'ga'"),
     (["--layer-ids", "1,3"], "--layer-ids"),
     (["--update-scale", "-1"], "--update-scale -1.0: expected a number > 0"),
+    (["--retain-orders", "0"], "--retain-orders 0: expected an integer >= 1"),
+    (["--retain-orders", "2"], "--retain-orders 2: expected 1 with --order file"),
+    (["--retain-orders", "2", "--order", "shuffle", "--eval-every", "2", "--eval-tasks", "toy_hazard"],
+     "--retain-orders 2: expected 1 with --eval-every"),
 ])
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path, argv, msg):
     base = ["--model", tiny["model"], "--forget", tiny["forget"], "--retain", tiny["retain"], "--out",
