@@ -264,16 +264,15 @@ def attribute_accuracy(model, tok_dir, data_dir):
     balanced over its entities, so a model that guesses one value whatever the entity scores 25% on it: an attribute
     near 25% in the base measures a value bias, not recall (the two test phrasings replaced in v2.1)."""
     from data import read_mc, resolve_task
-    from evaluate import evaluate_mc
+    from evaluate import aggregate_mc, evaluate_mc
     from hf_tokenizer import load_tokenizer
     tok, out = load_tokenizer(tok_dir), {}
     for domain, task, attrs in (("hazard", "toy_hazard", HAZARD_ATTRS), ("general", "toy_general", GENERAL_ATTRS)):
         items = read_mc(resolve_task(task, data_dir)[1])
         _, samples = evaluate_mc(model, tok, items, progress=False, form="cloze")
-        hits = {a: [] for a in attrs}
-        for it, s in zip(items, samples):
-            hits[attribute_of(it["question"], attrs)].append(s["acc"])
-        out[domain] = {a: round(sum(h) / len(h), 4) for a, h in hits.items()}
+        # each attribute as a subject: evaluate.py's own grouping
+        groups = aggregate_mc([s["acc"] for s in samples], [attribute_of(it["question"], attrs) for it in items])
+        out[domain] = {a: round(g["acc"], 4) for a, g in groups["subjects"].items()}
     return out
 
 
