@@ -68,7 +68,8 @@ DEFAULTS = dict(
     model=str(TOY_MODEL),            # any Hugging Face Llama/Mistral checkpoint directory
     data=str(TOY_DIR),               # DATA dir (layout: data/__init__.py)
     tasks="toy_hazard,toy_general",  # task names (wmdp_bio, wmdp_cyber, wmdp_chem, mmlu, toy_hazard, toy_general,
-                                     # muse_news, muse_books) or paths to multiple-choice .jsonl/.parquet files
+                                     # toy_hazard_para, toy_general_para, muse_news, muse_books) or paths to
+                                     # multiple-choice .jsonl/.parquet files
     out="runs/eval/results.json",    # results JSON (written atomically)
     limit=None,                      # first N questions per task (MMLU: per subject); MUSE: per file
     batch_size=32,                   # sequences per forward pass (generation; scoring when batch_tokens is 0)

@@ -126,10 +126,13 @@ class NPOConfig(UnlearnConfig):
     chunk_tokens: int = 0                 # split documents into pieces of N tokens (MUSE); 0: truncate
     activation_checkpointing: bool = False  # keep each decoder block's input only, recompute it in the backward
     train_scope: str = "all"              # all: every parameter (the reference) | layers: the decoder layers only
-                                          # (embeddings, lm_head and the final norm frozen)
+                                          # (embeddings, lm_head and the final norm frozen) | params: --params of
+                                          # --layer-ids only (as RMU trains; an MLP subset moves less of the rest)
+    layer_ids: list = field(default_factory=list)                     # --train-scope params: layers trained
+    params: list = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
 
 
-TRAIN_SCOPES = ("all", "layers")
+TRAIN_SCOPES = ("all", "layers", "params")
 LIST_FIELDS = {"forget": str, "retain": str, "eval_tasks": str, "forget_max_len": int, "steering_coeffs": float,
                "alpha": float, "layer_ids": int, "params": str, "raw_json_topics": int}
 # data/toy/defaults.json may spell a few keys as the reference's flags do
@@ -392,7 +395,16 @@ def _check_npo(cfg):
     if cfg.retain_loss not in ("gd", "kl", "none"):
         _fail("retain_loss", cfg.retain_loss, "gd, kl or none")
     if cfg.train_scope not in TRAIN_SCOPES:
-        _fail("train_scope", cfg.train_scope, " or ".join(TRAIN_SCOPES))
+        _fail("train_scope", cfg.train_scope, ", ".join(TRAIN_SCOPES[:-1]) + " or " + TRAIN_SCOPES[-1])
+    if cfg.train_scope == "params":
+        n = model_layers(cfg.model)
+        if not cfg.layer_ids or not cfg.params:
+            _fail("layer_ids" if not cfg.layer_ids else "params", "''", "at least one, with --train-scope params")
+        if n is not None and not all(0 <= i < n for i in cfg.layer_ids):
+            _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), f"layers of the model (0..{n - 1})")
+    elif cfg.layer_ids:
+        _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), f"none with --train-scope {cfg.train_scope} (the "
+              "NPO family's --layer-ids and --params pick what trains with --train-scope params)")
     if cfg.chunk_tokens < 0 or cfg.chunk_tokens == 1:
         _fail("chunk_tokens", cfg.chunk_tokens, "0 (truncate) or a piece length >= 2")
     if cfg.retain_orders > 1 and (cfg.retain_loss == "none" or not cfg.gamma):
@@ -407,8 +419,8 @@ GIB = 2 ** 30
 
 
 def param_counts(mc: dict, cfg=None) -> tuple:
-    """(all parameters, trained parameters) from a config.json dict: RMU trains --params of --layer-ids, the NPO
-    family its --train-scope (and cfg None: full fine-tuning) everything."""
+    """(all parameters, trained parameters) from a config.json dict: RMU (and --train-scope params) trains --params
+    of --layer-ids, the NPO family its --train-scope (and cfg None: full fine-tuning) everything."""
     d, f, L, V = mc["hidden_size"], mc["intermediate_size"], mc["num_hidden_layers"], mc["vocab_size"]
     H = mc["num_attention_heads"]
     kv, hd = mc.get("num_key_value_heads") or H, mc.get("head_dim") or d // H
@@ -418,7 +430,7 @@ def param_counts(mc: dict, cfg=None) -> tuple:
     total = L * layer + V * d * (1 if mc.get("tie_word_embeddings") else 2) + d
     if cfg is None or (cfg.method != "rmu" and cfg.train_scope == "all"):
         return total, total
-    if cfg.method != "rmu":   # train_scope "layers": the decoder layers
+    if cfg.method != "rmu" and cfg.train_scope == "layers":   # the decoder layers
         return total, L * layer
     return total, len(cfg.layer_ids) * sum(matrix.get(pn, 0) for pn in cfg.params)
 

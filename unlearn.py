@@ -82,10 +82,10 @@ class UnlearnError(ProjectError):
 # ----------------------------------------------------------------------------------------------- what trains
 
 def trainable(model, cfg) -> dict:
-    """name -> parameter trained: RMU the listed matrices of the listed layers; the NPO family everything, or
-    (--train-scope layers) the decoder layers' tensors only."""
+    """name -> parameter trained: RMU (and the NPO family with --train-scope params) the listed matrices of the
+    listed layers; the NPO family everything, or (--train-scope layers) the decoder layers' tensors only."""
     named = dict(model.named_parameters())
-    if cfg.method != "rmu":
+    if cfg.method != "rmu" and cfg.train_scope != "params":
         return named if cfg.train_scope == "all" else {k: v for k, v in named.items() if k.startswith("model.layers.")}
     out = {}
     for i in cfg.layer_ids:
@@ -501,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steering-coeffs", help="one per topic (last repeats)")
     r.add_argument("--alpha", help="retain weight, one per topic (last repeats)")
     r.add_argument("--layer-id", type=int, help="steering layer (activation after this decoder layer)")
-    r.add_argument("--layer-ids", help="layers whose --params are trained")
+    r.add_argument("--layer-ids", help="layers whose --params are trained (also the NPO family's, --train-scope params)")
     r.add_argument("--params", help="trained matrices inside each layer, comma list (mlp.down_proj)")
     r.add_argument("--masked-loss", action=argparse.BooleanOptionalAction, help="MSE over real tokens but BOS")
     r.add_argument("--cache-gib", type=float, help="activation cache budget (0: off)")
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--retain-loss", choices=["gd", "kl", "none"])
     n.add_argument("--npo-mean-tokens", action=argparse.BooleanOptionalAction, help="token-mean log-probs in NPO")
     n.add_argument("--train-scope", choices=methods.TRAIN_SCOPES, help="all: every parameter (the reference); "
-                   "layers: the decoder layers only (embeddings, lm_head, final norm frozen)")
+                   "layers: the decoder layers only (embeddings, lm_head, final norm frozen); params: --params of --layer-ids")
     n.add_argument("--chunk-tokens", type=int, help="split documents into pieces of N tokens (MUSE); 0: truncate")
     n.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute each decoder block in the backward (less memory, about a third more compute)")

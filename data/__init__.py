@@ -21,7 +21,8 @@ The DATA layout (what `python -m data.fetch --data DATA` writes; `make fetch DAT
 
 The embedded toy benchmark data/toy/ (built by make_toy.py) is a DATA dir too, with its own files:
 forget_corpus.jsonl, retain_corpus.jsonl, retain_unseen.jsonl (the NPO family's retain corpus there: prose no
-toy model trained on), toy_hazard.cloze.jsonl, toy_general.cloze.jsonl (TASKS toy_*), model/.
+toy model trained on), toy_hazard.cloze.jsonl, toy_general.cloze.jsonl and their paraphrase tasks
+toy_hazard_para.cloze.jsonl, toy_general_para.cloze.jsonl (TASKS toy_*), model/.
 
 Corpora (read_corpus): documents are kept when len(text) > min_chars, as the reference RMU's
 `len(text) > min_len` (so min_chars=0 drops only empty documents). Formats:
@@ -108,10 +109,12 @@ TASKS = {
     "mmlu": ("mmlu/mmlu.jsonl", None),
     "toy_hazard": ("toy_hazard.cloze.jsonl", None),   # the embedded toy (make_toy.py): cloze form, no description
     "toy_general": ("toy_general.cloze.jsonl", None),
+    "toy_hazard_para": ("toy_hazard_para.cloze.jsonl", None),   # the same facts through two more held-out phrasings
+    "toy_general_para": ("toy_general_para.cloze.jsonl", None),
 }
 
 # tasks that measure retained utility; every other task measures forgetting (tables and plots split on this)
-UTILITY_TASKS = ("mmlu", "toy_general", "wikitext")
+UTILITY_TASKS = ("mmlu", "toy_general", "toy_general_para", "wikitext")
 
 
 def is_utility(metric, utility_tasks=UTILITY_TASKS) -> bool:
@@ -163,8 +166,9 @@ def how_to_get(path):
     if "/toy/" in p and any(p.endswith(rel) for rel in known):  # a real benchmark's file asked of the toy
         return ("the embedded toy has no such file: give --data DATA (make ... DATA=<dir>) with the real files, "
                 "downloaded with `make fetch DATA=<dir>`")
-    if "/toy/" in p or Path(p).name in ("toy_hazard.cloze.jsonl", "toy_general.cloze.jsonl",
-                                         "forget_corpus.jsonl", "retain_corpus.jsonl", "retain_unseen.jsonl"):
+    toy_files = {rel for rel, _ in TASKS.values() if rel.startswith("toy_")} | {
+        "forget_corpus.jsonl", "retain_corpus.jsonl", "retain_unseen.jsonl"}
+    if "/toy/" in p or Path(p).name in toy_files:
         return "rebuild the embedded toy benchmark with `make toy` (python make_toy.py)"
     if any(p.endswith(rel) for rel in known) or "/muse/" in p or p.startswith("muse/"):
         return "download it with `make fetch DATA=<dir>` (python -m data.fetch --data <dir>)"

@@ -208,7 +208,10 @@ def test_tasks_table():
     assert data.TASKS["wmdp_bio"] == ("wmdp/wmdp_bio.jsonl", "biology")
     assert data.TASKS["wmdp_cyber"][1] == "cybersecurity" and data.TASKS["wmdp_chem"][1] == "chemistry"
     assert data.TASKS["mmlu"] == ("mmlu/mmlu.jsonl", None)
-    assert set(data.TASKS) >= {"toy_hazard", "toy_general"}
+    assert set(data.TASKS) >= {"toy_hazard", "toy_general", "toy_hazard_para", "toy_general_para"}
+    # the paraphrase tasks measure what their main tasks measure: forgetting (hazard) and utility (general)
+    assert [data.is_utility(t) for t in ("toy_hazard_para", "toy_general_para", "toy_general_para/acc_norm")] == \
+        [False, True, True]
     assert data.mc_description("biology") == "The following are multiple choice questions (with answers) about biology.\n\n"
     assert data.mc_description("high_school_biology").endswith("about high school biology.\n\n")
     assert data.mc_description(None) == "The following are multiple choice questions (with answers).\n\n"

@@ -91,7 +91,11 @@ def test_grand_reads_the_same_defaults_as_training():
     ({"batch_size": 0}, "--batch-size 0"),
     ({"update_scale": 0}, "--update-scale 0: expected a number > 0"),
     ({"update_scale": float("nan")}, "--update-scale nan"),
-    ({"method": "npo", "train_scope": "mlp"}, "--train-scope mlp: expected all or layers"),
+    ({"method": "npo", "train_scope": "mlp"}, "--train-scope mlp: expected all, layers or params"),
+    ({"method": "npo", "layer_ids": "1,2"}, "--layer-ids 1,2: expected none with --train-scope all"),
+    ({"method": "npo", "train_scope": "params"}, "--layer-ids '': expected at least one, with --train-scope params"),
+    ({"method": "npo", "train_scope": "params", "layer_ids": "0,10"}, "--layer-ids 0,10: expected layers of the "
+                                                                       "model (0..9)"),
     ({"train_scope": "layers"}, "--train-scope: not a setting of --method rmu"),
     ({"method": "npo", "retain_orders": 2, "retain_loss": "none"}, "--retain-orders 2: expected 1 when the run has no "
                                                                   "retain term"),

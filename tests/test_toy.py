@@ -15,7 +15,7 @@ ROOT = str(_ROOT)
 TOY = str(TOY_DIR)
 
 FILES = ["forget_corpus.jsonl", "retain_corpus.jsonl", "retain_unseen.jsonl", "toy_hazard.cloze.jsonl",
-         "toy_general.cloze.jsonl"]
+         "toy_general.cloze.jsonl", "toy_hazard_para.cloze.jsonl", "toy_general_para.cloze.jsonl"]
 
 
 def _digests(d):
@@ -86,16 +86,44 @@ def test_no_test_item_in_any_training_file():
     docs = _texts("forget_corpus.jsonl") + _texts("retain_corpus.jsonl") + _texts("retain_unseen.jsonl")
     text = "\n".join(docs).lower()
     assert "answer:" not in text
-    for task in ("toy_hazard.cloze.jsonl", "toy_general.cloze.jsonl"):
+    for task in FILES[3:]:
         for q in _rows(os.path.join(TOY, task)):
             assert q["question"].lower() not in text, q["question"]
-    for spec in list(make_toy.HAZARD_ATTRS.values()) + list(make_toy.GENERAL_ATTRS.values()):
-        train, test = spec[-3], spec[-2]
-        assert test not in train
-        pieces = make_toy._template_pieces(test)
-        assert pieces, test
-        for piece in pieces:
-            assert piece.lower() not in text, piece
+    for attrs in (make_toy.HAZARD_ATTRS, make_toy.GENERAL_ATTRS):
+        for attr, spec in attrs.items():
+            phrasings = make_toy.held_out_phrasings(attr, attrs)
+            assert len(set(phrasings)) == 3 and not set(phrasings) & set(spec[-3])
+            for test in phrasings:
+                pieces = make_toy._template_pieces(test)
+                assert pieces, test
+                for piece in pieces:
+                    assert piece.lower() not in text, piece
+
+
+def test_paraphrase_tasks_ask_the_main_facts_in_two_more_phrasings():
+    """Each main question is asked twice more, through its attribute's two paraphrases, with the same choices in the
+    same order and the same answer: only the context differs."""
+    for main, para, attrs in (("toy_hazard", "toy_hazard_para", make_toy.HAZARD_ATTRS),
+                              ("toy_general", "toy_general_para", make_toy.GENERAL_ATTRS)):
+        rows, prows = _rows(os.path.join(TOY, main + ".cloze.jsonl")), _rows(os.path.join(TOY, para + ".cloze.jsonl"))
+        assert len(prows) == 2 * len(rows)
+        for i, q in enumerate(rows):
+            attr, phrasing = make_toy.phrasing_of(q["question"], attrs)
+            assert phrasing == attrs[attr][-2]
+            head, tail = phrasing.split("{X}")
+            name = q["question"][len(head):len(q["question"]) - len(tail)]
+            for p, want in zip(prows[2 * i:2 * i + 2], make_toy.PARAPHRASES[attr]):
+                assert {k: v for k, v in p.items() if k != "question"} == {k: v for k, v in q.items() if k != "question"}
+                assert make_toy.phrasing_of(p["question"], attrs) == (attr, want)
+                assert p["question"] == want.format(X=name)
+
+
+def test_generator_refuses_a_leaked_paraphrase(monkeypatch):
+    paraphrases = dict(make_toy.PARAPHRASES, organ=["Doctors say {X} damages the", "Of all the organs, {X} prefers the"])
+    monkeypatch.setattr(make_toy, "PARAPHRASES", paraphrases)   # "damages the" is a training phrasing's piece
+    from infra import ProjectError
+    with pytest.raises(ProjectError, match="test phrasing of 'organ' .*damages the"):
+        make_toy.make_benchmark(seed=0, scale=0.2)
 
 
 @pytest.mark.parametrize("leak,match", [
@@ -166,10 +194,26 @@ def shipped_by_attribute():
     return make_toy.attribute_accuracy(Transformer.from_pretrained(mdir), mdir, TOY)
 
 
-def test_shipped_model_reproduces_recorded_accuracy(shipped_accuracy, shipped_by_attribute):
+@pytest.fixture(scope="module")
+def shipped_paraphrase():
+    from model import Transformer
+    mdir = os.path.join(TOY, "model")
+    return make_toy.paraphrase_accuracy(Transformer.from_pretrained(mdir), mdir, TOY)
+
+
+def test_shipped_model_reproduces_recorded_accuracy(shipped_accuracy, shipped_by_attribute, shipped_paraphrase):
     rec = json.load(open(os.path.join(TOY, "model", "accuracy.json")))
     assert shipped_accuracy == {"hazard": rec["hazard_acc"], "general": rec["general_acc"]}
     assert shipped_by_attribute == rec["by_attribute"]
+    assert shipped_paraphrase == rec["paraphrase"]
+
+
+def test_every_paraphrase_is_recalled_not_guessed(shipped_paraphrase):
+    """The base model recalls the facts through every paraphrase too (at least 50%; chance 25%)."""
+    for domain, attrs in (("hazard", make_toy.HAZARD_ATTRS), ("general", make_toy.GENERAL_ATTRS)):
+        by = shipped_paraphrase[domain]["by_phrasing"]
+        assert set(by) == {f"{a}: {p}" for a in attrs for p in make_toy.PARAPHRASES[a]}
+        assert min(by.values()) >= 0.5, by
 
 
 def test_every_attribute_is_recalled_not_guessed(shipped_by_attribute):

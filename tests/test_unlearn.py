@@ -275,16 +275,23 @@ def test_npo_options_run(tiny, tmp_path, extra):
         assert rec["loss_parts"][0]["retain"] == pytest.approx(0.0, abs=1e-6)  # KL(ref || ref)
 
 
-def test_train_scope_layers_leaves_embeddings_head_and_final_norm(tiny, tmp_path):
-    cfg = args_for(tiny, tmp_path / "o", "--steps", "2", "--lr", "1e-2", "--train-scope", "layers", method="npo")
+@pytest.mark.parametrize("scope", [["--train-scope", "layers"],
+                                   ["--train-scope", "params", "--layer-ids", "0,1", "--params", "mlp.up_proj,mlp.down_proj"]])
+def test_train_scope_moves_its_tensors_and_nothing_else(tiny, tmp_path, scope):
+    """layers: every decoder tensor (norms included), not the embeddings, LM head or final norm; params: exactly the
+    listed matrices of the listed layers."""
+    cfg = args_for(tiny, tmp_path / "o", "--steps", "2", "--lr", "1e-2", *scope, method="npo")
     rec = U.run(cfg)
     before, after = load_state(tiny["model"]), load_state(tmp_path / "o" / "model")
-    in_layers = {k for k in before if k.startswith("model.layers.")}
-    assert set(rec["trained_params"]) == in_layers and len(in_layers) < len(before)
-    for k in before:   # every decoder tensor moved (norms included), nothing outside them did
-        assert torch.equal(before[k], after[k]) == (k not in in_layers), k
+    if scope[1] == "layers":
+        chosen = {k for k in before if k.startswith("model.layers.")}
+    else:
+        chosen = {f"model.layers.{i}.mlp.{m}.weight" for i in (0, 1) for m in ("up_proj", "down_proj")}
+    assert set(rec["trained_params"]) == chosen and len(chosen) < len(before)
+    for k in before:
+        assert torch.equal(before[k], after[k]) == (k not in chosen), k
     mc = json.loads((Path(tiny["model"]) / "config.json").read_text())
-    assert methods.param_counts(mc, cfg)[1] == sum(before[k].numel() for k in in_layers)
+    assert methods.param_counts(mc, cfg)[1] == sum(before[k].numel() for k in chosen)
     assert methods.param_counts(mc, args_for(tiny, tmp_path / "p", method="npo"))[1] == methods.param_counts(mc)[0]
 
 
