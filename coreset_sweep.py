@@ -371,6 +371,10 @@ def sweep(args):
     for s in sels:
         if s not in coreset.METHODS:
             raise CoresetError(f"--select {s!r}: expected some of {', '.join(coreset.METHODS)}")
+    if "grand" in sels and args.method != "rmu" and \
+            methods.resolve(unlearn_overrides(args, 0, Path(args.out))).train_scope == "params":
+        raise CoresetError("--select grand: GraNd-NPO scores every projection of every layer, not --train-scope "
+                           "params' matrices; drop one of them")
     ratios = [coreset.parse_ratio(r, "--ratios") for r in split_list(args.ratios, "--ratios")]
     seeds = split_list(args.seeds, "--seeds", int)
     forget = split_list(args.forget.split(","), "--forget")

@@ -30,6 +30,8 @@ from infra import (TOY_DIR, TOY_MODEL, TOY_MUSE_MODEL, UNSEEN_RETAIN_FILE, Proje
 from loglik import eval_settings
 
 METHODS = ("rmu", "npo", "graddiff", "simnpo")
+MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj")   # the linear layers of a decoder layer: what --params may name
 TOY_TASKS = ["toy_hazard", "toy_general"]
 
 
@@ -129,7 +131,7 @@ class NPOConfig(UnlearnConfig):
                                           # (embeddings, lm_head and the final norm frozen) | params: --params of
                                           # --layer-ids only (as RMU trains; an MLP subset moves less of the rest)
     layer_ids: list = field(default_factory=list)                     # --train-scope params: layers trained
-    params: list = field(default_factory=lambda: ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"])
+    params: list = field(default_factory=lambda: list(MATRICES[4:]))   # the MLP's three matrices
 
 
 TRAIN_SCOPES = ("all", "layers", "params")
@@ -385,6 +387,15 @@ def _check_rmu(cfg):
     if max(cfg.layer_ids) > cfg.layer_id or min(cfg.layer_ids) < 0:
         raise ConfigError(f"--layer-ids {','.join(map(str, cfg.layer_ids))}: expected layers in 0..--layer-id "
                           f"({cfg.layer_id}); later layers cannot change the steered activation")
+    _check_matrices(cfg)
+
+
+def _check_matrices(cfg):
+    """--params names linear layers of a decoder layer, and --layer-ids names each layer once."""
+    if any(p not in MATRICES for p in cfg.params):
+        _fail("params", ",".join(cfg.params), "names among " + ", ".join(MATRICES))
+    if len(set(cfg.layer_ids)) != len(cfg.layer_ids):
+        _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), "each layer once")
 
 
 def _check_npo(cfg):
@@ -400,11 +411,14 @@ def _check_npo(cfg):
         n = model_layers(cfg.model)
         if not cfg.layer_ids or not cfg.params:
             _fail("layer_ids" if not cfg.layer_ids else "params", "''", "at least one, with --train-scope params")
-        if n is not None and not all(0 <= i < n for i in cfg.layer_ids):
-            _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), f"layers of the model (0..{n - 1})")
-    elif cfg.layer_ids:
-        _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), f"none with --train-scope {cfg.train_scope} (the "
-              "NPO family's --layer-ids and --params pick what trains with --train-scope params)")
+        if min(cfg.layer_ids) < 0 or (n is not None and max(cfg.layer_ids) >= n):
+            _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), "layers of the model (0.." +
+                  (f"{n - 1})" if n is not None else "the last)"))
+        _check_matrices(cfg)
+    elif cfg.layer_ids or cfg.params != list(MATRICES[4:]):
+        flag = "layer_ids" if cfg.layer_ids else "params"
+        _fail(flag, ",".join(map(str, getattr(cfg, flag))), f"none with --train-scope {cfg.train_scope} (the NPO "
+              "family's --layer-ids and --params pick what trains with --train-scope params)")
     if cfg.chunk_tokens < 0 or cfg.chunk_tokens == 1:
         _fail("chunk_tokens", cfg.chunk_tokens, "0 (truncate) or a piece length >= 2")
     if cfg.retain_orders > 1 and (cfg.retain_loss == "none" or not cfg.gamma):
@@ -424,8 +438,7 @@ def param_counts(mc: dict, cfg=None) -> tuple:
     d, f, L, V = mc["hidden_size"], mc["intermediate_size"], mc["num_hidden_layers"], mc["vocab_size"]
     H = mc["num_attention_heads"]
     kv, hd = mc.get("num_key_value_heads") or H, mc.get("head_dim") or d // H
-    matrix = {"self_attn.q_proj": d * H * hd, "self_attn.k_proj": d * kv * hd, "self_attn.v_proj": d * kv * hd,
-              "self_attn.o_proj": H * hd * d, "mlp.gate_proj": d * f, "mlp.up_proj": d * f, "mlp.down_proj": f * d}
+    matrix = dict(zip(MATRICES, (d * H * hd, d * kv * hd, d * kv * hd, H * hd * d, d * f, d * f, f * d)))
     layer = sum(matrix.values()) + 2 * d
     total = L * layer + V * d * (1 if mc.get("tie_word_embeddings") else 2) + d
     if cfg is None or (cfg.method != "rmu" and cfg.train_scope == "all"):

@@ -168,6 +168,8 @@ def how_to_get(path):
                 "downloaded with `make fetch DATA=<dir>`")
     toy_files = {rel for rel, _ in TASKS.values() if rel.startswith("toy_")} | {
         "forget_corpus.jsonl", "retain_corpus.jsonl", "retain_unseen.jsonl"}
+    if Path(p).name.endswith(".cloze.jsonl") and Path(p).name in toy_files:
+        return "write the toy's question files with `python make_toy.py --data-only` (the whole toy: `make toy`)"
     if "/toy/" in p or Path(p).name in toy_files:
         return "rebuild the embedded toy benchmark with `make toy` (python make_toy.py)"
     if any(p.endswith(rel) for rel in known) or "/muse/" in p or p.startswith("muse/"):

@@ -512,7 +512,9 @@ def test_sweep_bad_inputs(tiny, tmp_path):
     for argv, msg in [(["--select", "bogus"], "--select"), (["--ratios", "0.1 0"], "--ratios"),
                       (["--forget", "/nonexistent/f.jsonl"], "/nonexistent/f.jsonl"),
                       (["--unlearn-args", "--beta 0.1"], "--beta"),
-                      (["--unlearn-args", "--layer-id 9", "--ratios", "1"], "--layer-id 9")]:
+                      (["--unlearn-args", "--layer-id 9", "--ratios", "1"], "--layer-id 9"),
+                      (["--method", "npo", "--select", "random,grand", "--unlearn-args",
+                        "--train-scope params --layer-ids 0"], "GraNd-NPO scores every projection")]:
         base = ["--forget", tiny["f1"], "--retain", tiny["f2"], "--model", tiny["model"], "--out",
                 str(tmp_path / "s"), "--seeds", "0", "--tasks", "none", "--no-progress"]
         with pytest.raises(SystemExit) as e:

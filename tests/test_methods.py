@@ -93,6 +93,13 @@ def test_grand_reads_the_same_defaults_as_training():
     ({"update_scale": float("nan")}, "--update-scale nan"),
     ({"method": "npo", "train_scope": "mlp"}, "--train-scope mlp: expected all, layers or params"),
     ({"method": "npo", "layer_ids": "1,2"}, "--layer-ids 1,2: expected none with --train-scope all"),
+    ({"method": "npo", "params": "mlp.up_proj"}, "--params mlp.up_proj: expected none with --train-scope all"),
+    ({"method": "npo", "train_scope": "params", "layer_ids": "1", "params": "mlp.nope"},
+     "--params mlp.nope: expected names among self_attn.q_proj"),
+    ({"method": "npo", "train_scope": "params", "layer_ids": "1,1"}, "--layer-ids 1,1: expected each layer once"),
+    ({"method": "npo", "train_scope": "params", "layer_ids": "-1,0"}, "--layer-ids -1,0: expected layers of the model"),
+    ({"layer_ids": "2,2"}, "--layer-ids 2,2: expected each layer once"),
+    ({"params": "input_layernorm"}, "--params input_layernorm: expected names among"),
     ({"method": "npo", "train_scope": "params"}, "--layer-ids '': expected at least one, with --train-scope params"),
     ({"method": "npo", "train_scope": "params", "layer_ids": "0,10"}, "--layer-ids 0,10: expected layers of the "
                                                                        "model (0..9)"),

@@ -42,6 +42,8 @@ CASES = {
     "simnpo-kl": ["--method", "simnpo", "--retain-loss", "kl", "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-2"],
     "npo-empty-rank": ["--method", "npo", "--batch-size", "1", "--lr", "1e-2"],
     "npo-checkpointing": ["--method", "npo", "--batch-size", "5", "--lr", "1e-2", "--activation-checkpointing"],
+    "npo-params": ["--method", "npo", "--batch-size", "5", "--lr", "1e-2", "--train-scope", "params", "--layer-ids",
+                   "0,1"],   # frozen and trained tensors in one sharded block
     "rmu": ["--method", "rmu", "--layer-id", "2", "--layer-ids", "1,2", "--batch-size", "5", "--lr", "1e-2"],
     "rmu-empty-rank": ["--method", "rmu", "--layer-id", "2", "--layer-ids", "1,2", "--batch-size", "1", "--lr", "1e-2",
                        "--no-masked-loss"],

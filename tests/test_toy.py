@@ -86,13 +86,18 @@ def test_no_test_item_in_any_training_file():
     docs = _texts("forget_corpus.jsonl") + _texts("retain_corpus.jsonl") + _texts("retain_unseen.jsonl")
     text = "\n".join(docs).lower()
     assert "answer:" not in text
+    every = {**make_toy.HAZARD_ATTRS, **make_toy.GENERAL_ATTRS}
     for task in FILES[3:]:
         for q in _rows(os.path.join(TOY, task)):
             assert q["question"].lower() not in text, q["question"]
+            # nor the entity, the phrasing's closing words and the answer ("X is solvarine" for "The cure for X is")
+            head, tail = make_toy.phrasing_of(q["question"], every)[1].split("{X}")
+            bridge = q["question"][len(head):] + " " + q["choices"][q["answer"]]
+            assert bridge.lower() not in text, bridge
     for attrs in (make_toy.HAZARD_ATTRS, make_toy.GENERAL_ATTRS):
         for attr, spec in attrs.items():
             phrasings = make_toy.held_out_phrasings(attr, attrs)
-            assert len(set(phrasings)) == 3 and not set(phrasings) & set(spec[-3])
+            assert len(set(phrasings)) == 3
             for test in phrasings:
                 pieces = make_toy._template_pieces(test)
                 assert pieces, test
@@ -118,11 +123,14 @@ def test_paraphrase_tasks_ask_the_main_facts_in_two_more_phrasings():
                 assert p["question"] == want.format(X=name)
 
 
-def test_generator_refuses_a_leaked_paraphrase(monkeypatch):
-    paraphrases = dict(make_toy.PARAPHRASES, organ=["Doctors say {X} damages the", "Of all the organs, {X} prefers the"])
-    monkeypatch.setattr(make_toy, "PARAPHRASES", paraphrases)   # "damages the" is a training phrasing's piece
+@pytest.mark.parametrize("attr,leak,match", [
+    ("organ", "Doctors say {X} damages the", "test phrasing of 'organ' .*damages the"),   # a training piece
+    ("neutraliser", "Sadly, {X} is", "ends as a training phrasing joins entity and value .*X\\} is \\{v"),  # "X is v"
+])
+def test_generator_refuses_a_leaked_paraphrase(monkeypatch, attr, leak, match):
+    monkeypatch.setattr(make_toy, "PARAPHRASES", dict(make_toy.PARAPHRASES, **{attr: [leak]}))
     from infra import ProjectError
-    with pytest.raises(ProjectError, match="test phrasing of 'organ' .*damages the"):
+    with pytest.raises(ProjectError, match=match):
         make_toy.make_benchmark(seed=0, scale=0.2)
 
 
