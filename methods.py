@@ -32,6 +32,7 @@ from loglik import eval_settings
 METHODS = ("rmu", "npo", "graddiff", "simnpo")
 MATRICES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
             "mlp.up_proj", "mlp.down_proj")   # the linear layers of a decoder layer: what --params may name
+MLP_MATRICES = MATRICES[4:]           # the NPO family's --params under --train-scope params, unless given
 TOY_TASKS = ["toy_hazard", "toy_general"]
 
 
@@ -131,7 +132,7 @@ class NPOConfig(UnlearnConfig):
                                           # (embeddings, lm_head and the final norm frozen) | params: --params of
                                           # --layer-ids only (as RMU trains; an MLP subset moves less of the rest)
     layer_ids: list = field(default_factory=list)                     # --train-scope params: layers trained
-    params: list = field(default_factory=lambda: list(MATRICES[4:]))   # the MLP's three matrices
+    params: list = field(default_factory=lambda: list(MLP_MATRICES))
 
 
 TRAIN_SCOPES = ("all", "layers", "params")
@@ -415,7 +416,7 @@ def _check_npo(cfg):
             _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), "layers of the model (0.." +
                   (f"{n - 1})" if n is not None else "the last)"))
         _check_matrices(cfg)
-    elif cfg.layer_ids or cfg.params != list(MATRICES[4:]):
+    elif cfg.layer_ids or cfg.params != list(MLP_MATRICES):
         flag = "layer_ids" if cfg.layer_ids else "params"
         _fail(flag, ",".join(map(str, getattr(cfg, flag))), f"none with --train-scope {cfg.train_scope} (the NPO "
               "family's --layer-ids and --params pick what trains with --train-scope params)")

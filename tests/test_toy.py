@@ -185,28 +185,31 @@ def test_toy_size_limit():
     assert total <= 25 * 2 ** 20, f"data/toy is {total / 2 ** 20:.1f} MB"
 
 
+MODEL_DIR = os.path.join(TOY, "model")
+
+
 @pytest.fixture(scope="module")
-def shipped_accuracy():
-    """The shipped model's accuracy, computed now with evaluate.py's lm-eval scoring."""
+def shipped_model():
     from model import Transformer
-    mdir = os.path.join(TOY, "model")
-    model = Transformer.from_pretrained(mdir)
+    model = Transformer.from_pretrained(MODEL_DIR)
     assert model.config.num_hidden_layers >= 10
-    return make_toy.toy_accuracy(model, mdir, TOY)
+    return model
 
 
 @pytest.fixture(scope="module")
-def shipped_by_attribute():
-    from model import Transformer
-    mdir = os.path.join(TOY, "model")
-    return make_toy.attribute_accuracy(Transformer.from_pretrained(mdir), mdir, TOY)
+def shipped_accuracy(shipped_model):
+    """The shipped model's accuracy, computed now with evaluate.py's lm-eval scoring."""
+    return make_toy.toy_accuracy(shipped_model, MODEL_DIR, TOY)
 
 
 @pytest.fixture(scope="module")
-def shipped_paraphrase():
-    from model import Transformer
-    mdir = os.path.join(TOY, "model")
-    return make_toy.paraphrase_accuracy(Transformer.from_pretrained(mdir), mdir, TOY)
+def shipped_by_attribute(shipped_model):
+    return make_toy.attribute_accuracy(shipped_model, MODEL_DIR, TOY)
+
+
+@pytest.fixture(scope="module")
+def shipped_paraphrase(shipped_model):
+    return make_toy.paraphrase_accuracy(shipped_model, MODEL_DIR, TOY)
 
 
 def test_shipped_model_reproduces_recorded_accuracy(shipped_accuracy, shipped_by_attribute, shipped_paraphrase):
