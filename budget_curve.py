@@ -125,10 +125,10 @@ def plot(curves, metrics, util, path, title):
             ys = [data.metric_pct(m, p["metrics"].get(m)) for p in c["points"]]
             ax.plot(xs, ys, color=colors[k % len(colors)], ls="-" if j == 0 else "--", marker="os"[j % 2], ms=3,
                     label=f"{m} ({'utility' if data.is_utility(m, util) else 'forget'}), {c['name']}")
-    if all("/" not in m for m in metrics):   # multiple-choice accuracies: 4 choices
+    if all(map(data.is_accuracy, metrics)):   # multiple-choice accuracies: 4 choices
         ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
     ax.set_xlabel("optimizer steps")
-    ax.set_ylabel("accuracy (%)" if all("/" not in m for m in metrics) else "%")
+    ax.set_ylabel("accuracy (%)" if all(map(data.is_accuracy, metrics)) else "%")
     return save_figure(fig, path, title, [ax])
 
 

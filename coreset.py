@@ -23,7 +23,8 @@ Methods (selection keeps the `--order` end; ties to the lower index; a document 
             the very control vector the run trains with for this seed and topic (losses.control_vector; layer and
             coefficients from the flags, else methods.method_defaults for the model), over mlp.down_proj of the
             trained layers. --grand-loss npo: the gradient of the mean token log-prob (NPO's at theta = ref) over
-            every linear projection of every layer. One backward per batch gives every document's gradient
+            the matrices the NPO run trains (--layer-ids / --params, else its --train-scope params' for the model;
+            every linear projection of every layer for its other scopes). One backward per batch gives every document's gradient
             norm (grand_batch's docstring says how).
   moderate  Moderate-DS (Xia et al. 2023): distance of mean-pooled hidden states (--layer) to the file's centroid;
             score = |distance - median|; keeps the documents of typical difficulty.
@@ -166,8 +167,9 @@ def chosen_documents(cfg, forget_docs):
 
 @dataclass
 class SelectConfig:
-    """One selection (the CLI's flags). GraNd-RMU's layer_id / layer_ids / steering_coeffs: None = what unlearning
-    uses for this model (methods.method_defaults), so the scores see the training's own control vectors."""
+    """One selection (the CLI's flags). GraNd's layer_id / layer_ids / steering_coeffs / params: None = what
+    unlearning uses for this model (methods.method_defaults), so the scores see the training's own control vectors
+    (RMU) and matrices (RMU; the NPO family under --train-scope params)."""
     method: str = "random"
     model: str = str(TOY_MODEL)
     forget: str = str(TOY_DIR / "forget_corpus.jsonl")   # comma list, one file per topic
@@ -184,7 +186,7 @@ class SelectConfig:
     layer_id: int | None = None
     layer_ids: str | None = None
     steering_coeffs: str | None = None
-    params: str | None = None             # GraNd-RMU trained matrices (None: unlearning's)
+    params: str | None = None             # GraNd's trained matrices (None: unlearning's)
     masked_loss: bool | None = None       # GraNd-RMU: BOS out of the loss (None: unlearning's)
     layer: int = -1
     prior_frac: float = losses.PRIOR_FRAC
@@ -215,6 +217,29 @@ def grand_rmu_loss_terms(cfg):
     return params, cfg.masked_loss if cfg.masked_loss is not None else d["masked_loss"]
 
 
+def grand_npo_targets(cfg, n_layers):
+    """(layers, matrices) GraNd-NPO scores: the flags, else what NPO trains on this model (methods.method_defaults):
+    --train-scope params' --params of --layer-ids, or every projection of every layer."""
+    d = methods.method_defaults("npo", cfg.model)
+    scoped = d["train_scope"] == "params"
+    layer_ids = split_list(cfg.layer_ids, "--layer-ids", int) if cfg.layer_ids is not None else \
+        d["layer_ids"] if scoped else list(range(n_layers))
+    params = split_list(cfg.params, "--params") if cfg.params is not None else \
+        d["params"] if scoped else list(methods.MATRICES)
+    if not all(0 <= i < n_layers for i in layer_ids):
+        raise CoresetError(f"--layer-ids {','.join(map(str, layer_ids))}: expected layers of the model (0..{n_layers - 1})")
+    return layer_ids, params
+
+
+def check_matrices(model, layer, params):
+    for name in params:
+        try:
+            model.model.layers[layer].get_submodule(name)
+        except AttributeError:
+            raise CoresetError(f"--params {name}: no such matrix in a decoder layer (expected e.g. mlp.down_proj, "
+                               "self_attn.o_proj)") from None
+
+
 def load_model(cfg):
     try:
         return model_io.load(cfg.model, cfg.device, cfg.dtype)
@@ -226,9 +251,11 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
     """Scores (n,) of one forget file's documents under cfg.method (None for random)."""
     if cfg.method in TOKEN_METHODS:
         return token_scores(model, tok, docs, cfg.max_length, cfg.batch_size, cfg.mink_k, cfg.progress)[cfg.method]
-    if cfg.method == "grand" and cfg.grand_loss == "npo":   # every projection of every layer: no RMU settings
-        return grand_scores(model, tok, docs, "npo", max_length=cfg.max_length, batch_size=cfg.batch_size,
-                            progress=cfg.progress)
+    if cfg.method == "grand" and cfg.grand_loss == "npo":   # the matrices NPO trains: no RMU settings
+        layer_ids, params = grand_npo_targets(cfg, model.config.num_hidden_layers)
+        check_matrices(model, layer_ids[0], params)
+        return grand_scores(model, tok, docs, "npo", layer_ids=layer_ids, max_length=cfg.max_length,
+                            batch_size=cfg.batch_size, progress=cfg.progress, params=params)
     if cfg.method == "grand":
         layer_id, layer_ids, coeffs = grand_rmu_settings(cfg)
         n_layers = model.config.num_hidden_layers
@@ -238,12 +265,7 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
         c = losses.control_vector(model.config.hidden_size, per_topic(coeffs, n_files)[file_index], cfg.seed,
                                   file_index, model.lm_head_weight.dtype)
         params, masked = grand_rmu_loss_terms(cfg)
-        for name in params:
-            try:
-                model.model.layers[layer_ids[0]].get_submodule(name)
-            except AttributeError:
-                raise CoresetError(f"--params {name}: no such matrix in a decoder layer (expected e.g. mlp.down_proj, "
-                                   "self_attn.o_proj)") from None
+        check_matrices(model, layer_ids[0], params)
         return grand_scores(model, tok, docs, cfg.grand_loss, layer_id, layer_ids, c, cfg.max_length,
                             cfg.batch_size, cfg.progress, params=params, bos_id=tok.bos_token_id if masked else None)
     if cfg.method == "moderate":
@@ -333,7 +355,8 @@ def select(cfg, model=None, tok=None, cache=None):
     record.update(method=cfg.method, order=order, ratio=float(parse_ratio(cfg.ratio)), files=files,
                   coreset=str(cfg.out), selected=len(selected))
     if cfg.method == "grand":
-        record["grand"] = {"loss": cfg.grand_loss} if cfg.grand_loss == "npo" else \
+        record["grand"] = dict(zip(("layer_ids", "params"), grand_npo_targets(cfg, methods.model_layers(
+            cfg.model))), loss="npo") if cfg.grand_loss == "npo" else \
             dict(zip(("layer_id", "layer_ids", "steering_coeffs"), grand_rmu_settings(cfg)), loss="rmu")
     record["timings"]["total_s"] = time.time() - t0
     atomic_write_json(run_json_path(cfg.out), record)
@@ -399,9 +422,9 @@ def build_parser():
     p.add_argument("--mink-k", type=float, default=d.mink_k, help="Min-K%% / Min-K%%++ fraction of tokens")
     p.add_argument("--grand-loss", choices=["rmu", "npo"], default=d.grand_loss)
     p.add_argument("--layer-id", type=int, default=None, help="GraNd-RMU layer (default: unlearning's for the model)")
-    p.add_argument("--layer-ids", default=None, help="GraNd-RMU trained layers (default: unlearning's)")
+    p.add_argument("--layer-ids", default=None, help="GraNd's trained layers (default: unlearning's)")
     p.add_argument("--steering-coeffs", default=None, help="GraNd-RMU control norms per topic (default: unlearning's)")
-    p.add_argument("--params", default=None, help="GraNd-RMU trained matrices (default: unlearning's)")
+    p.add_argument("--params", default=None, help="GraNd's trained matrices (default: unlearning's)")
     p.add_argument("--masked-loss", default=None, action=argparse.BooleanOptionalAction,
                    help="GraNd-RMU: BOS out of the loss (default: unlearning's)")
     p.add_argument("--layer", type=int, default=d.layer, help="moderate: hidden states after this layer (-1: final)")

@@ -40,7 +40,7 @@ import methods
 import sweep_queue
 import unlearn
 from coreset import CoresetError, coreset_size
-from data import UTILITY_TASKS, is_utility, metric_pct
+from data import UTILITY_TASKS, is_accuracy, is_utility, metric_pct
 from hf_tokenizer import load_tokenizer
 from infra import TOY_DIR, TOY_MODEL, atomic_write_json, cli_main, pyplot, run_info, save_figure, split_list, write_results
 
@@ -166,6 +166,11 @@ def run_cell(args, sel, ratio, seed, sizes, cache, spend):
                 extra.update(layer_id=ucfg.layer_id, layer_ids=",".join(map(str, ucfg.layer_ids)),
                              steering_coeffs=",".join(map(str, ucfg.steering_coeffs)), params=",".join(ucfg.params),
                              masked_loss=ucfg.masked_loss)
+            else:   # the matrices this cell trains: --train-scope params' own, else every projection of every layer
+                scoped = ucfg.train_scope == "params"
+                extra.update(layer_ids=",".join(map(str, ucfg.layer_ids if scoped else
+                                                    range(methods.model_layers(args.model)))),
+                             params=",".join(ucfg.params if scoped else methods.MATRICES))
         scfg = coreset.SelectConfig(method=sel, model=args.model, out=str(cdir / "selection" / "coreset.jsonl"),
                                     **{**common, **extra, **select_overrides(args.select_args)})
         selection = coreset.select(scfg, cache=cache)
@@ -276,7 +281,8 @@ def markdown_table(agg, title, notes=()):
         lines.append(f"| {r['select']} | {ratio_label(r['ratio'])} | {docs} | {r.get('steps', '-')} | {ep} | "
                      + " | ".join(vals)
                      + f" | {len(r['seeds'])} | {r['time_s']:.0f}s |")
-    lines += ["", "Accuracy in % (MUSE's metrics: ROUGE-L F1 x100, PrivLeak in %) (mean ± sample std over seeds); base model = before unlearning; docs = selected "
+    units = "Accuracy in %" + ("" if all(map(is_accuracy, ms)) else " (MUSE's metrics: ROUGE-L F1 x100, PrivLeak in %)")
+    lines += ["", f"{units} (mean ± sample std over seeds); base model = before unlearning; docs = selected "
               "documents per forget file; steps = optimizer steps; epochs = passes over the cell's own set (documents "
               "drawn / selected, the least-covered forget file); time/cell = selection + unlearning + evaluation, "
               "mean over seeds.",
@@ -306,7 +312,7 @@ def plot(agg, path, title):
             if m in agg["base"]:
                 ax.axhline(metric_pct(m, agg["base"][m]), color=colors[j % len(colors)], ls="--", lw=1,
                            label=f"{m} (base)")
-        if ms and all("/" not in m for m in ms):
+        if ms and all(map(is_accuracy, ms)):
             ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
         ax.set_xticks(np.arange(len(sels)), sels, rotation=25 if len(sels) > 6 else 0)
         ax.set_xlabel(f"selection method (coreset ratio {ratio_label(ratios[0])})")
@@ -323,14 +329,14 @@ def plot(agg, path, title):
                             label=m + ("" if len(sels) == 1 else f" ({s})"))
             if m in agg["base"]:
                 ax.axhline(metric_pct(m, agg["base"][m]), color=c, ls="--", lw=1, label=f"{m} (base model)")
-        if ms and all("/" not in m for m in ms):   # multiple-choice accuracies: 4 choices
+        if ms and all(map(is_accuracy, ms)):   # multiple-choice accuracies: 4 choices
             ax.axhline(25, color="gray", ls=":", lw=1, label="chance (4 choices)")
         if all(r <= 1 for r in ratios):
             ax.set_xscale("log")
             ax.set_xticks(ratios, [ratio_label(r) for r in ratios])
             ax.minorticks_off()
         ax.set_xlabel("coreset ratio (fraction of the forget set)")
-    ax.set_ylabel("accuracy (%)" if all("/" not in m for m in ms) else "MUSE metric (%)")
+    ax.set_ylabel("accuracy (%)" if all(map(is_accuracy, ms)) else "MUSE metric (%)")
     return save_figure(fig, path, title, [ax])
 
 
@@ -371,10 +377,6 @@ def sweep(args):
     for s in sels:
         if s not in coreset.METHODS:
             raise CoresetError(f"--select {s!r}: expected some of {', '.join(coreset.METHODS)}")
-    if "grand" in sels and args.method != "rmu" and \
-            methods.resolve(unlearn_overrides(args, 0, Path(args.out))).train_scope == "params":
-        raise CoresetError("--select grand: GraNd-NPO scores every projection of every layer, not --train-scope "
-                           "params' matrices; drop one of them")
     ratios = [coreset.parse_ratio(r, "--ratios") for r in split_list(args.ratios, "--ratios")]
     seeds = split_list(args.seeds, "--seeds", int)
     forget = split_list(args.forget.split(","), "--forget")

@@ -88,9 +88,10 @@ def linear_grad_sq(x, g):
 
 
 def grand_targets(model, loss, layer_ids, params=("mlp.down_proj",)):
-    """The linear modules whose weights the unlearning loss trains (see the module docstring)."""
+    """The linear modules whose weights the unlearning loss trains (see the module docstring): `params` of
+    `layer_ids` (RMU; NPO given layers), else, for NPO, every projection of every layer."""
     layers = model.model.layers
-    if loss == "rmu":
+    if loss == "rmu" or layer_ids is not None:
         return [layers[i].get_submodule(p) for i in layer_ids for p in params]
     mods = []
     for blk in layers:
@@ -99,10 +100,11 @@ def grand_targets(model, loss, layer_ids, params=("mlp.down_proj",)):
     return mods
 
 
-def grand_batch(model, ids, mask, loss="rmu", layer_id=7, layer_ids=(5, 6, 7), control=None,
+def grand_batch(model, ids, mask, loss="rmu", layer_id=7, layer_ids=None, control=None,
                 params=("mlp.down_proj",), bos_id=None):
     """Per-document GraNd scores of one right-padded batch. ids, mask (B, T); control (1, 1, d) for RMU -> (B,) fp64.
-    RMU: `params` of `layer_ids` are the trained matrices; bos_id set: BOS left out of the loss (--masked-loss).
+    `params` of `layer_ids` are the trained matrices (RMU needs them; NPO with layer_ids None: every projection of
+    every layer); RMU with bos_id set: BOS left out of the loss (--masked-loss).
 
     The batch loss is the SUM of per-document losses, so the output gradients g seen by each linear layer are the
     per-document gradients; one backward gives them all. A linear layer y = x W^T has the per-document weight
@@ -151,7 +153,7 @@ def grand_batch(model, ids, mask, loss="rmu", layer_id=7, layer_ids=(5, 6, 7), c
     return sq.sqrt()
 
 
-def grand_scores(model, tok, docs, loss="rmu", layer_id=7, layer_ids=(5, 6, 7), control=None,
+def grand_scores(model, tok, docs, loss="rmu", layer_id=7, layer_ids=None, control=None,
                  max_length=MAX_LENGTH, batch_size=BATCH_SIZE, progress=True, desc="grand", params=("mlp.down_proj",),
                  bos_id=None):
     """GraNd score of every document (see grand_batch). -> np.ndarray (n,)"""

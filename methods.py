@@ -8,7 +8,9 @@ One dataclass per method family. Their field defaults ARE the reference recipes:
 lr 1e-5, retain CE, warmup 10 %, 500 steps). Resolution, in order, later wins:
     1. the dataclass defaults (the reference values);
     2. the embedded toy's own values (data/toy/defaults.json) when --model is the toy model;
-    3. what the caller set explicitly (command-line flags, or a sweep's dict).
+    3. what the caller set explicitly (command-line flags, or a sweep's dict); a default tied to a setting the
+       caller changed gives way (_give_way: another --train-scope drops the toy NPO's layers; a run that can only
+       be one run trains one retain order).
 Then every value is checked against its math (beta > 0, layer ids inside the model, ...) before any model loads:
 a bad value is a one-line ConfigError naming the flag. `python unlearn.py --print-config [flags]` prints the
 result; unlearn.run records it in run.json.
@@ -207,11 +209,11 @@ def toy_values(kind="wmdp") -> dict:
 
 
 def toy_defaults(method, kind="wmdp") -> dict:
-    """toy_values' section for this method: {"rmu": {...}, "npo": {...}} (or a flat dict, RMU). Keys as the
-    config's fields (reference spellings accepted); notes and results in the file are skipped."""
+    """toy_values' section for this method: {"rmu": {...}, "npo": {...}, "npo_family": {...}} (or a flat dict, RMU;
+    "npo_family" holds GradDiff's and SimNPO's, else they take NPO's). Keys as the config's fields (reference spellings accepted); notes and results in the file are skipped."""
     raw = toy_values(kind)
-    if any(k in raw for k in METHODS + ("npo_family",)):
-        sect = raw.get(method) or raw.get("rmu" if method == "rmu" else "npo") or raw.get("npo_family") or {}
+    if any(k in raw for k in METHODS + ("npo_family",)):   # the family's other members: "npo_family", else "npo"
+        sect = raw.get(method) or (method != "rmu" and (raw.get("npo_family") or raw.get("npo"))) or {}
     else:
         sect = raw if method == "rmu" else {}
     known = {f.name for f in fields(config_class(method))}
@@ -274,6 +276,7 @@ def resolve(overrides: dict):
             raise ConfigError("--steps and --epochs: give one of them (the run's budget)")
         values["steps"] = None
     values.update(given)
+    _give_way(values, given, cls())
     values["method"], values["model"] = method, model
     toy_paths = dict(toy_data(toy or "wmdp", method), data=str(TOY_DIR))
     for k, v in toy_paths.items():
@@ -287,6 +290,22 @@ def resolve(overrides: dict):
     cfg = cls(**values)
     check(cfg)
     return cfg
+
+
+def _give_way(values: dict, given: dict, reference) -> None:
+    """A default that only makes sense beside another default gives way when the caller changes that one: the
+    toy's NPO trains --params of --layer-ids under --train-scope params and averages --retain-orders 3, so another
+    --train-scope drops those layers, and a run that cannot have several retain orders (--order file, --eval-every,
+    no retain term) trains one. What the caller gave is kept, and checked."""
+    if "train_scope" in given and given["train_scope"] != "params":
+        for k in ("layer_ids", "params"):
+            if k not in given:
+                values[k] = getattr(reference, k)
+    one_run = values.get("order") == "file" or values.get("eval_every") or values.get("retain_loss") == "none" or \
+        values.get("gamma") == 0
+    if "retain_orders" in values and "retain_orders" not in given and one_run and \
+            {"order", "eval_every", "retain_loss", "gamma"} & set(given):
+        values["retain_orders"] = 1
 
 
 def _fail(flag, value, expected):

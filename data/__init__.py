@@ -123,13 +123,18 @@ def is_utility(metric, utility_tasks=UTILITY_TASKS) -> bool:
     return metric.split("/")[0] in utility_tasks or metric.endswith("/knowmem_r")
 
 
+def is_accuracy(metric) -> bool:
+    """A multiple-choice accuracy (a plain task name, or the cloze form's task/acc_norm), not one of MUSE's metrics
+    (task/verbmem_f, ..., task/privleak)."""
+    return "/" not in metric or metric.endswith("/acc_norm")
+
+
 def metric_pct(metric, v):
-    """A metric's value for display, in %: accuracies (a plain task name, and the cloze form's task/acc_norm) are
-    fractions and get x100; MUSE's metrics (task/verbmem_f, ..., task/privleak) are already x100. The one rule every
-    table and plot uses."""
+    """A metric's value for display, in %: accuracies (is_accuracy) are fractions and get x100; MUSE's metrics are
+    already x100. The one rule every table and plot uses."""
     if v is None:
         return None
-    return 100 * v if "/" not in metric or metric.endswith("/acc_norm") else v
+    return 100 * v if is_accuracy(metric) else v
 
 MUSE_DIRS = {"news": "muse/news", "books": "muse/books", "toy": "muse/toy"}
 # evaluation task name -> MUSE corpus; muse_toy is the embedded default's MUSE-shaped split (toy_muse.py)

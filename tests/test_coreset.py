@@ -178,10 +178,14 @@ def test_token_scores_equal_float64_reference(tiny):
             assert got[m][i] == pytest.approx(ref[m], rel=1e-4, abs=1e-5), (m, i)
 
 
-def per_doc_grad_norm(model, tok, text, loss, c=None, layer_id=2, layer_ids=(1, 2)):
-    """GraNd by plain autograd, one document at a time, no padding."""
-    mods = D.grand_targets(model, loss, layer_ids)
-    ws = [m.weight for m in mods]
+def per_doc_grad_norm(model, tok, text, loss, c=None, layer_id=2, layer_ids=(1, 2), params=("mlp.down_proj",)):
+    """GraNd by plain autograd, one document at a time, no padding. NPO with layer_ids None: every weight of every
+    decoder layer except the norms' (its 7 projections)."""
+    if layer_ids is None:
+        ws = [w for blk in model.model.layers for n, w in blk.named_parameters() if "norm" not in n]
+        assert len(ws) == 7 * len(model.model.layers)
+    else:
+        ws = [model.model.layers[i].get_submodule(p).weight for i in layer_ids for p in params]
     for p in model.parameters():
         p.requires_grad_(False)
     for w in ws:
@@ -199,15 +203,18 @@ def per_doc_grad_norm(model, tok, text, loss, c=None, layer_id=2, layer_ids=(1, 
     return math.sqrt(sum(float(g.double().square().sum()) for g in gs))
 
 
-@pytest.mark.parametrize("loss", ["rmu", "npo"])
-def test_grand_equals_per_document_autograd(tiny, loss):
+@pytest.mark.parametrize("loss,layer_ids,params", [("rmu", [1, 2], ["mlp.down_proj"]), ("npo", None, None),
+                                                    ("npo", [0, 2], ["mlp.gate_proj", "self_attn.v_proj"])])
+def test_grand_equals_per_document_autograd(tiny, loss, layer_ids, params):
+    """RMU's matrices; NPO's every projection of every layer; NPO's --train-scope params matrices."""
     model = Transformer.from_pretrained(tiny["model"]).eval()
     tok = load_tokenizer(tiny["model"])
     docs = [json.loads(x)["text"] for x in Path(tiny["f1"]).read_text().splitlines()]
     docs = [d for d in docs if len(tok.encode(d)) >= 2]
     c = losses.control_vector(model.config.hidden_size, 6.5, 0)
-    got = D.grand_scores(model, tok, docs, loss, 2, [1, 2], c, batch_size=4, progress=False)
-    ref = [per_doc_grad_norm(model, tok, d, loss, c) for d in docs]
+    kw = {"params": params} if params else {}
+    got = D.grand_scores(model, tok, docs, loss, 2, layer_ids, c, batch_size=4, progress=False, **kw)
+    ref = [per_doc_grad_norm(model, tok, d, loss, c, layer_ids=layer_ids, **kw) for d in docs]
     np.testing.assert_allclose(got, ref, rtol=1e-4)
 
 
@@ -442,6 +449,19 @@ def test_sweep_resumes_and_reports(tiny, tmp_path, monkeypatch):
     assert len(calls) == 7
 
 
+@pytest.mark.parametrize("forget,muse", [(["toy_hazard", "toy_hazard/acc_norm"], False),
+                                         (["muse_toy/verbmem_f", "muse_toy/knowmem_f"], True)])
+def test_sweep_report_names_its_units(forget, muse):
+    """acc_norm is an accuracy like acc (x100, a 4-choice chance line); only MUSE's metrics are labelled as such."""
+    stat = {"mean": 0.5, "std": 0.1}
+    row = {"select": "random", "ratio": 0.05, "n_selected": [20], "steps": 200, "epochs": 40, "seeds": [0, 1],
+           "time_s": 9.0, "metrics": {m: stat for m in forget + ["toy_general"]}}
+    agg = {"forget_metrics": forget, "utility_metrics": ["toy_general"], "base": {}, "rows": [row]}
+    md = S.markdown_table(agg, "t")
+    assert ("MUSE's metrics" in md) == muse and "Accuracy in %" in md
+    assert "| 50.0 ± 10.0 |" in md if not muse else "| 0.5 ± 0.1 |" in md
+
+
 def test_sweep_grand_cell_scores_with_the_cells_control_vectors(tiny, tmp_path, monkeypatch):
     """A GraNd cell selects with the layers and control vectors of the very unlearning run the cell makes
     (--unlearn-args included), at the cell's seed."""
@@ -512,9 +532,7 @@ def test_sweep_bad_inputs(tiny, tmp_path):
     for argv, msg in [(["--select", "bogus"], "--select"), (["--ratios", "0.1 0"], "--ratios"),
                       (["--forget", "/nonexistent/f.jsonl"], "/nonexistent/f.jsonl"),
                       (["--unlearn-args", "--beta 0.1"], "--beta"),
-                      (["--unlearn-args", "--layer-id 9", "--ratios", "1"], "--layer-id 9"),
-                      (["--method", "npo", "--select", "random,grand", "--unlearn-args",
-                        "--train-scope params --layer-ids 0"], "GraNd-NPO scores every projection")]:
+                      (["--unlearn-args", "--layer-id 9", "--ratios", "1"], "--layer-id 9")]:
         base = ["--forget", tiny["f1"], "--retain", tiny["f2"], "--model", tiny["model"], "--out",
                 str(tmp_path / "s"), "--seeds", "0", "--tasks", "none", "--no-progress"]
         with pytest.raises(SystemExit) as e:
@@ -547,11 +565,16 @@ def test_grand_scores_with_the_loss_of_the_method_being_run(tiny, tmp_path, monk
     calls, seen = [], []
     monkeypatch.setattr(unlearn, "run", fake_unlearn(calls))
     real = C.grand_scores
-    monkeypatch.setattr(C, "grand_scores", lambda model, tok, docs, loss, *a, **k: seen.append(loss) or
-                        real(model, tok, docs, loss, *a, **k))
+    monkeypatch.setattr(C, "grand_scores", lambda model, tok, docs, loss, *a, **k: seen.append(
+        (loss, k.get("layer_ids"), k.get("params"))) or real(model, tok, docs, loss, *a, **k))
     S.main(sweep_argv(tiny, tmp_path, "--method", "npo", "--select", "grand", "--ratios", "0.5", "--seeds", "0",
                       "--unlearn-args", ""))
-    assert seen == ["npo", "npo"] and calls[0].method == "npo"
+    every = (list(range(methods.model_layers(tiny["model"]))), list(methods.MATRICES))
+    assert seen == [("npo", *every)] * 2 and calls[0].method == "npo"
+    seen.clear()   # --train-scope params: the cell's own matrices
+    S.main(sweep_argv(tiny, tmp_path / "p", "--method", "npo", "--select", "grand", "--ratios", "0.5", "--seeds", "0",
+                      "--unlearn-args", "--train-scope params --layer-ids 1 --params mlp.up_proj"))
+    assert seen == [("npo", [1], ["mlp.up_proj"])] * 2
 
 
 def make_dry(*args):

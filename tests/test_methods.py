@@ -48,6 +48,24 @@ def test_toy_defaults_file_is_honoured(fake_toy, tmp_path):
         methods.resolve({"model": str(toy / "model")})
 
 
+def test_the_toy_npo_recipe_gives_way_to_what_excludes_it():
+    """The toy's NPO trains the MLPs of layers 0-3 and averages three retain orders (data/toy/defaults.json). Another
+    --train-scope drops those layers, and a run that can only be one run (--order file, --eval-every, no retain
+    term) trains one; what the caller gave is kept and checked. GradDiff and SimNPO keep their own section."""
+    a = methods.resolve({"method": "npo"})
+    assert (a.train_scope, a.layer_ids, a.params, a.retain_orders, a.update_scale) == \
+        ("params", [0, 1, 2, 3], list(methods.MLP_MATRICES), 3, 1.2)
+    a = methods.resolve({"method": "npo", "train_scope": "layers"})
+    assert (a.train_scope, a.layer_ids, a.params, a.retain_orders) == ("layers", [], list(methods.MLP_MATRICES), 3)
+    for k, v in (("order", "file"), ("eval_every", 20), ("retain_loss", "none"), ("gamma", 0)):
+        a = methods.resolve({"method": "npo", k: v})
+        assert (a.retain_orders, a.train_scope, a.update_scale) == (1, "params", 1.2), k
+    assert methods.resolve({"method": "npo", "gamma": 2}).retain_orders == 3
+    for m in ("simnpo", "graddiff"):
+        a = methods.resolve({"method": m})
+        assert (a.train_scope, a.layer_ids, a.retain_orders, a.update_scale, a.lr) == ("all", [], 1, 1.0, 1e-3), m
+
+
 def test_npo_defaults_are_the_coreset_papers_wmdp_recipe():
     """The script alone gives what `make wmdp-npo` gives: token-mean log-probs are NPOConfig's default."""
     d = methods.method_defaults("npo", "/some/real/model")
@@ -92,15 +110,16 @@ def test_grand_reads_the_same_defaults_as_training():
     ({"update_scale": 0}, "--update-scale 0: expected a number > 0"),
     ({"update_scale": float("nan")}, "--update-scale nan"),
     ({"method": "npo", "train_scope": "mlp"}, "--train-scope mlp: expected all, layers or params"),
-    ({"method": "npo", "layer_ids": "1,2"}, "--layer-ids 1,2: expected none with --train-scope all"),
-    ({"method": "npo", "params": "mlp.up_proj"}, "--params mlp.up_proj: expected none with --train-scope all"),
+    ({"method": "npo", "train_scope": "all", "layer_ids": "1,2"}, "--layer-ids 1,2: expected none with --train-scope "
+                                                                  "all"),
+    ({"method": "npo", "train_scope": "layers", "params": "mlp.up_proj"}, "--params mlp.up_proj: expected none with "
+                                                                          "--train-scope layers"),
     ({"method": "npo", "train_scope": "params", "layer_ids": "1", "params": "mlp.nope"},
      "--params mlp.nope: expected names among self_attn.q_proj"),
     ({"method": "npo", "train_scope": "params", "layer_ids": "1,1"}, "--layer-ids 1,1: expected each layer once"),
     ({"method": "npo", "train_scope": "params", "layer_ids": "-1,0"}, "--layer-ids -1,0: expected layers of the model"),
     ({"layer_ids": "2,2"}, "--layer-ids 2,2: expected each layer once"),
     ({"params": "input_layernorm"}, "--params input_layernorm: expected names among"),
-    ({"method": "npo", "train_scope": "params"}, "--layer-ids '': expected at least one, with --train-scope params"),
     ({"method": "npo", "train_scope": "params", "layer_ids": "0,10"}, "--layer-ids 0,10: expected layers of the "
                                                                        "model (0..9)"),
     ({"train_scope": "layers"}, "--train-scope: not a setting of --method rmu"),
@@ -108,8 +127,14 @@ def test_grand_reads_the_same_defaults_as_training():
                                                                   "retain term"),
     ({"method": "npo", "retain_orders": 3, "gamma": 0}, "--retain-orders 3: expected 1 when"),
     ({"method": "npo", "retain_orders": 1.5}, "--retain-orders 1.5: expected an integer >= 1"),
+    ({"method": "npo", "retain_orders": 3, "order": "file"}, "--retain-orders 3: expected 1 with --order file"),
+    ({"method": "npo", "model": "{real}", "forget": "f", "retain": "r", "train_scope": "params"},
+     "--layer-ids '': expected at least one, with --train-scope params"),
 ])
-def test_bad_settings_are_one_line_errors_before_any_work(overrides, msg):
+def test_bad_settings_are_one_line_errors_before_any_work(overrides, msg, tmp_path):
+    if overrides.get("model") == "{real}":   # a model that is not the toy: no toy values
+        (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 8}))
+        overrides = dict(overrides, model=str(tmp_path))
     with pytest.raises(ProjectError) as e:
         methods.resolve(overrides)
     assert msg in str(e.value) and "\n" not in str(e.value)
