@@ -235,10 +235,10 @@ def plot(paths, path, title):
         for p in paths:
             ax.plot([q["t"] for q in p["points"]], [data.metric_pct(m, q["metrics"][m]) for q in p["points"]], marker="o", ms=3,
                     label=p["path"])
-        if "/" not in m:   # a multiple-choice accuracy: 4 choices
+        if data.is_accuracy(m):   # a multiple-choice accuracy (acc or acc_norm): 4 choices
             ax.axhline(25, color="gray", ls=":", lw=1)
         ax.set_xlabel("t (0: first end, 1: second end)")
-        ax.set_ylabel(f"{m} ({'accuracy, ' if '/' not in m else ''}%)")
+        ax.set_ylabel(f"{m} ({'accuracy, ' if data.is_accuracy(m) else ''}%)")
     return save_figure(fig, path, title, axes[0])
 
 

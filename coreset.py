@@ -219,9 +219,12 @@ def grand_rmu_loss_terms(cfg):
 
 def grand_npo_targets(cfg, n_layers):
     """(layers, matrices) GraNd-NPO scores: the flags, else what NPO trains on this model (methods.method_defaults):
-    --train-scope params' --params of --layer-ids, or every projection of every layer."""
+    --params of --layer-ids as --train-scope params trains them (its params default with layers given), or every
+    projection of every layer."""
+    if n_layers is None:
+        raise CoresetError(f"--model {cfg.model}: config.json does not say num_hidden_layers")
     d = methods.method_defaults("npo", cfg.model)
-    scoped = d["train_scope"] == "params"
+    scoped = d["train_scope"] == "params" or cfg.layer_ids is not None
     layer_ids = split_list(cfg.layer_ids, "--layer-ids", int) if cfg.layer_ids is not None else \
         d["layer_ids"] if scoped else list(range(n_layers))
     params = split_list(cfg.params, "--params") if cfg.params is not None else \
@@ -231,13 +234,14 @@ def grand_npo_targets(cfg, n_layers):
     return layer_ids, params
 
 
-def check_matrices(model, layer, params):
+def check_targets(layer_ids, params):
+    """GraNd's hooks treat each named module as a linear layer, once: names among a decoder layer's linear layers,
+    each layer once."""
     for name in params:
-        try:
-            model.model.layers[layer].get_submodule(name)
-        except AttributeError:
-            raise CoresetError(f"--params {name}: no such matrix in a decoder layer (expected e.g. mlp.down_proj, "
-                               "self_attn.o_proj)") from None
+        if name not in methods.MATRICES:
+            raise CoresetError(f"--params {name}: expected names among {', '.join(methods.MATRICES)}")
+    if len(set(layer_ids)) != len(layer_ids):
+        raise CoresetError(f"--layer-ids {','.join(map(str, layer_ids))}: expected each layer once")
 
 
 def load_model(cfg):
@@ -253,7 +257,7 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
         return token_scores(model, tok, docs, cfg.max_length, cfg.batch_size, cfg.mink_k, cfg.progress)[cfg.method]
     if cfg.method == "grand" and cfg.grand_loss == "npo":   # the matrices NPO trains: no RMU settings
         layer_ids, params = grand_npo_targets(cfg, model.config.num_hidden_layers)
-        check_matrices(model, layer_ids[0], params)
+        check_targets(layer_ids, params)
         return grand_scores(model, tok, docs, "npo", layer_ids=layer_ids, max_length=cfg.max_length,
                             batch_size=cfg.batch_size, progress=cfg.progress, params=params)
     if cfg.method == "grand":
@@ -265,7 +269,7 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
         c = losses.control_vector(model.config.hidden_size, per_topic(coeffs, n_files)[file_index], cfg.seed,
                                   file_index, model.lm_head_weight.dtype)
         params, masked = grand_rmu_loss_terms(cfg)
-        check_matrices(model, layer_ids[0], params)
+        check_targets(layer_ids, params)
         return grand_scores(model, tok, docs, cfg.grand_loss, layer_id, layer_ids, c, cfg.max_length,
                             cfg.batch_size, cfg.progress, params=params, bos_id=tok.bos_token_id if masked else None)
     if cfg.method == "moderate":

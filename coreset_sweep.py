@@ -169,7 +169,7 @@ def run_cell(args, sel, ratio, seed, sizes, cache, spend):
             else:   # the matrices this cell trains: --train-scope params' own, else every projection of every layer
                 scoped = ucfg.train_scope == "params"
                 extra.update(layer_ids=",".join(map(str, ucfg.layer_ids if scoped else
-                                                    range(methods.model_layers(args.model)))),
+                                                    range(methods.model_layers(args.model) or 0))),
                              params=",".join(ucfg.params if scoped else methods.MATRICES))
         scfg = coreset.SelectConfig(method=sel, model=args.model, out=str(cdir / "selection" / "coreset.jsonl"),
                                     **{**common, **extra, **select_overrides(args.select_args)})
@@ -390,6 +390,10 @@ def sweep(args):
     record["timings"] = {}
     spend = cell_budget(args, corpora)
     record["budget"] = {"policy": "steps" if args.steps else args.budget, "epochs": args.epochs, **spend}
+    orders = methods.resolve(unlearn_overrides(args, 0, out, cell_budget=spend)).retain_orders
+    if args.procs_per_cell > 1 and orders > 1:
+        raise CoresetError("--procs-per-cell: a cell of several retain orders (the toy NPO's --retain-orders 3) runs "
+                           "in one process; add --unlearn-args \"--retain-orders 1\" or drop --procs-per-cell")
     grid = [(s, r, seed) for s in sels for r in ratios for seed in seeds]
     queue = sweep_queue.CellQueue(out / "cells", args.claim_stale_s)
     name = lambda g: cell_name(*g)

@@ -110,6 +110,8 @@ def grand_batch(model, ids, mask, loss="rmu", layer_id=7, layer_ids=None, contro
     per-document gradients; one backward gives them all. A linear layer y = x W^T has the per-document weight
     gradient G_b = sum_t g_bt x_bt^T, so ||G_b||_F^2 = sum_{t,s} (g_t.g_s)(x_t.x_s): a batched Gram product of the
     saved inputs and the output gradients (or an explicit einsum when cheaper), no per-document backward."""
+    if loss == "rmu" and not layer_ids:
+        raise ValueError("grand_batch: RMU's trained layers (layer_ids) are required")
     mods = grand_targets(model, loss, layer_ids, params)
     maskf = mask.to(model.lm_head_weight.dtype)[..., None]           # (B, T, 1)
     sq = torch.zeros(ids.shape[0], dtype=torch.float64, device=ids.device)

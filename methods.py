@@ -10,7 +10,7 @@ lr 1e-5, retain CE, warmup 10 %, 500 steps). Resolution, in order, later wins:
     2. the embedded toy's own values (data/toy/defaults.json) when --model is the toy model;
     3. what the caller set explicitly (command-line flags, or a sweep's dict); a default tied to a setting the
        caller changed gives way (_give_way: another --train-scope drops the toy NPO's layers; a run that can only
-       be one run trains one retain order).
+       be one run trains one retain order, unscaled).
 Then every value is checked against its math (beta > 0, layer ids inside the model, ...) before any model loads:
 a bad value is a one-line ConfigError naming the flag. `python unlearn.py --print-config [flags]` prints the
 result; unlearn.run records it in run.json.
@@ -270,13 +270,14 @@ def resolve(overrides: dict):
     if toy and not (toy_models()[toy] / "config.json").is_file():
         raise ConfigError(f"{toy_models()[toy]}: the embedded toy model is not built; run `make toy`")
     values = method_defaults(method, model)
+    defaults = dict(values)
     given = _parse_lists({k: v for k, v in overrides.items() if v is not None})
     if given.get("epochs") is not None:   # a budget in epochs replaces the recipe's step count
         if given.get("steps") is not None:
             raise ConfigError("--steps and --epochs: give one of them (the run's budget)")
         values["steps"] = None
     values.update(given)
-    _give_way(values, given, cls())
+    _give_way(values, given, defaults, cls())
     values["method"], values["model"] = method, model
     toy_paths = dict(toy_data(toy or "wmdp", method), data=str(TOY_DIR))
     for k, v in toy_paths.items():
@@ -292,11 +293,12 @@ def resolve(overrides: dict):
     return cfg
 
 
-def _give_way(values: dict, given: dict, reference) -> None:
+def _give_way(values: dict, given: dict, defaults: dict, reference) -> None:
     """A default that only makes sense beside another default gives way when the caller changes that one: the
-    toy's NPO trains --params of --layer-ids under --train-scope params and averages --retain-orders 3, so another
-    --train-scope drops those layers, and a run that cannot have several retain orders (--order file, --eval-every,
-    no retain term) trains one. What the caller gave is kept, and checked."""
+    toy's NPO trains --params of --layer-ids under --train-scope params, averages --retain-orders 3 and scales the
+    average by 1.2, so another --train-scope drops those layers, a run that cannot have several retain orders
+    (--order file, --eval-every, no retain term) trains one, and a run of one order keeps its weights as trained
+    (the scale was tuned for the average). What the caller gave is kept, and checked."""
     if "train_scope" in given and given["train_scope"] != "params":
         for k in ("layer_ids", "params"):
             if k not in given:
@@ -306,6 +308,8 @@ def _give_way(values: dict, given: dict, reference) -> None:
     if "retain_orders" in values and "retain_orders" not in given and one_run and \
             {"order", "eval_every", "retain_loss", "gamma"} & set(given):
         values["retain_orders"] = 1
+    if values.get("retain_orders") == 1 and defaults.get("retain_orders", 1) > 1 and "update_scale" not in given:
+        values["update_scale"] = reference.update_scale
 
 
 def _fail(flag, value, expected):

@@ -255,7 +255,7 @@ def plot(record, path):
     # one more panel per forget task: its questions that name nothing the relearning documents name
     others = [t for t in arms[0]["points"][0].get("split", {}) if not data.is_utility(t, record["utility_tasks"])]
     bm, bs = record.get("base_metrics") or {}, record.get("base_split") or {}
-    panels = [(m, lambda p, m=m: data.metric_pct(m, p["metrics"][m]), f"{m} ({'accuracy, ' if '/' not in m else ''}%)",
+    panels = [(m, lambda p, m=m: data.metric_pct(m, p["metrics"][m]), f"{m} ({'accuracy, ' if data.is_accuracy(m) else ''}%)",
                data.metric_pct(m, bm.get(m))) for m in metrics] + \
         [(t, lambda p, t=t: 100 * p["split"][t]["other"], f"{t}, questions the documents do not name (%)",
           100 * bs[t]["other"] if bs.get(t) else None) for t in others if arms[0]["points"][0]["split"][t]["n_other"]]
@@ -266,7 +266,7 @@ def plot(record, path):
                     label=a["name"])
         if base is not None:
             ax.axhline(base, color="black", ls="--", lw=1, label="base")
-        if "/" not in m:   # a multiple-choice accuracy: chance with 4 choices
+        if data.is_accuracy(m):   # a multiple-choice accuracy (acc or acc_norm): chance with 4 choices
             ax.axhline(25, color="gray", ls=":", lw=1)
         ax.set_xlabel("relearning steps")
         ax.set_ylabel(label, fontsize=8)

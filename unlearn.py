@@ -296,7 +296,8 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
         raise UnlearnError("--eval-every: one process only (the curve evaluates the model mid-run)")
     if cfg.retain_orders > 1 and (world.size > 1 or wrap_optimizer is not None):
         raise UnlearnError(f"--retain-orders {cfg.retain_orders}: one process and unlearn's own optimizer only (K > 1 "
-                           "restarts the run); give --retain-orders 1 (the toy's NPO default is 3)")
+                           "restarts the run); give --retain-orders 1" +
+                           (" (the toy's NPO default is 3)" if methods.is_toy(cfg.model) else ""))
     cfg.progress = cfg.progress and world.main
     inputs = [cfg.model, *cfg.forget, *cfg.retain, cfg.coreset] + evaluate.task_files(cfg.eval_tasks, cfg.data)
     world.on_main(lambda: check_output(cfg.out, inputs, "--out", ours=is_previous_run, overwrite=cfg.overwrite,

@@ -512,8 +512,14 @@ def test_sweep_overrides():
     (["--method", "grand", "--ratio", "0.1", "--layer-id", "5", "--layer-ids", "1"], "--layer-id 5"),
     (["--method", "grand", "--ratio", "0.1", "--layer-id", "2", "--layer-ids", "1,x"], "--layer-ids"),
     (["--method", "grand", "--ratio", "0.1", "--layer-id", "2", "--layer-ids", "1", "--params", "mlp.nope"],
-     "--params mlp.nope: no such matrix"),
+     "--params mlp.nope: expected names among"),
     (["--method", "grand", "--ratio", "0.1", "--layer-id", "2", "--layer-ids", "1", "--params", ""], "--params"),
+    (["--method", "grand", "--ratio", "0.1", "--grand-loss", "npo", "--layer-ids", "1", "--params", "mlp"],
+     "--params mlp: expected names among"),
+    (["--method", "grand", "--ratio", "0.1", "--grand-loss", "npo", "--layer-ids", "1,1"],
+     "--layer-ids 1,1: expected each layer once"),
+    (["--method", "grand", "--ratio", "0.1", "--grand-loss", "npo", "--layer-ids", "7"], "--layer-ids 7: expected "
+                                                                                          "layers of the model"),
 ])
 def test_bad_inputs_give_one_line_errors(tiny, tmp_path, argv, msg):
     argv = argv + ["--out", str(tmp_path / "x.jsonl")]
@@ -532,7 +538,9 @@ def test_sweep_bad_inputs(tiny, tmp_path):
     for argv, msg in [(["--select", "bogus"], "--select"), (["--ratios", "0.1 0"], "--ratios"),
                       (["--forget", "/nonexistent/f.jsonl"], "/nonexistent/f.jsonl"),
                       (["--unlearn-args", "--beta 0.1"], "--beta"),
-                      (["--unlearn-args", "--layer-id 9", "--ratios", "1"], "--layer-id 9")]:
+                      (["--unlearn-args", "--layer-id 9", "--ratios", "1"], "--layer-id 9"),
+                      (["--method", "npo", "--procs-per-cell", "2", "--unlearn-args", "--retain-orders 2"],
+                       "--procs-per-cell: a cell of several retain orders")]:
         base = ["--forget", tiny["f1"], "--retain", tiny["f2"], "--model", tiny["model"], "--out",
                 str(tmp_path / "s"), "--seeds", "0", "--tasks", "none", "--no-progress"]
         with pytest.raises(SystemExit) as e:

@@ -49,17 +49,19 @@ def test_toy_defaults_file_is_honoured(fake_toy, tmp_path):
 
 
 def test_the_toy_npo_recipe_gives_way_to_what_excludes_it():
-    """The toy's NPO trains the MLPs of layers 0-3 and averages three retain orders (data/toy/defaults.json). Another
-    --train-scope drops those layers, and a run that can only be one run (--order file, --eval-every, no retain
-    term) trains one; what the caller gave is kept and checked. GradDiff and SimNPO keep their own section."""
+    """The toy's NPO trains the MLPs of layers 0-3 and averages three retain orders, scaled 1.2 (data/toy/defaults.json).
+    Another --train-scope drops those layers, and a run that can only be one run (--order file, --eval-every, no
+    retain term) trains one, unscaled; what the caller gave is kept and checked. GradDiff and SimNPO keep their own
+    section."""
     a = methods.resolve({"method": "npo"})
     assert (a.train_scope, a.layer_ids, a.params, a.retain_orders, a.update_scale) == \
         ("params", [0, 1, 2, 3], list(methods.MLP_MATRICES), 3, 1.2)
     a = methods.resolve({"method": "npo", "train_scope": "layers"})
     assert (a.train_scope, a.layer_ids, a.params, a.retain_orders) == ("layers", [], list(methods.MLP_MATRICES), 3)
-    for k, v in (("order", "file"), ("eval_every", 20), ("retain_loss", "none"), ("gamma", 0)):
-        a = methods.resolve({"method": "npo", k: v})
-        assert (a.retain_orders, a.train_scope, a.update_scale) == (1, "params", 1.2), k
+    for k, v in (("order", "file"), ("eval_every", 20), ("retain_loss", "none"), ("gamma", 0), ("retain_orders", 1)):
+        a = methods.resolve({"method": "npo", k: v})   # one order: the scale tuned for the average goes too
+        assert (a.retain_orders, a.train_scope, a.update_scale) == (1, "params", 1.0), k
+    assert methods.resolve({"method": "npo", "retain_orders": 1, "update_scale": 1.2}).update_scale == 1.2
     assert methods.resolve({"method": "npo", "gamma": 2}).retain_orders == 3
     for m in ("simnpo", "graddiff"):
         a = methods.resolve({"method": m})
