@@ -68,12 +68,14 @@ def train_arms(arms, common: dict, out, progress=True) -> dict:
             coreset.select(scfg)
             given["coreset"] = scfg.out
         given = {k: v for k, v in given.items() if v is not None}
-        try:
-            done = json.loads((adir / "run.json").read_text())["args"] == json.loads(json.dumps(given))
+        cfg = methods.resolve(given)
+        try:   # the same explicit arguments and the same resolved settings: a changed default retrains the arm
+            rec = json.loads((adir / "run.json").read_text())
+            done = rec["args"] == json.loads(json.dumps(given)) and not unlearn.config_changes(rec, cfg)
         except (OSError, ValueError, KeyError):
             done = False
         if not done or not (adir / "model" / "config.json").is_file():
-            unlearn.run(methods.resolve(given), given=given)
+            unlearn.run(cfg, given=given)
         dirs[name] = str(adir / "model")
     return dirs
 

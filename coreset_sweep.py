@@ -204,15 +204,23 @@ def run_cell(args, sel, ratio, seed, sizes, cache, spend):
     return result
 
 
-def finished(cdir, spend) -> bool:
-    """A cell with a result.json under this budget; one under another budget is an error (a sweep's table must
-    compare one policy)."""
+def finished(cdir, spend, config_of=None) -> bool:
+    """A cell with a result.json under this budget; one under another budget, or (config_of(result) -> the cell's
+    config resolved now) with other settings, e.g. from before a default changed, is an error: a sweep's table
+    must compare one policy and one recipe."""
     f = cdir / "result.json"
     if not f.is_file():
         return False
-    got = json.loads(f.read_text()).get("policy")
-    if got != spend:
-        raise CoresetError(f"{f}: finished under budget {got}, this sweep's is {spend}; use another --out")
+    result = json.loads(f.read_text())
+    if result.get("policy") != spend:
+        raise CoresetError(f"{f}: finished under budget {result.get('policy')}, this sweep's is {spend}; use another "
+                           "--out")
+    run_json = cdir / "run" / "run.json"
+    if config_of is not None and run_json.is_file():
+        changed = unlearn.config_changes(json.loads(run_json.read_text()), config_of(result))
+        if changed:
+            raise CoresetError(f"{run_json}: finished with other settings ({', '.join(changed[:4])}) than this "
+                               "sweep resolves now; use another --out")
     return True
 
 
@@ -398,7 +406,9 @@ def sweep(args):
     queue = sweep_queue.CellQueue(out / "cells", args.claim_stale_s)
     name = lambda g: cell_name(*g)
     gpus = split_list(args.gpus, "--gpus") if args.gpus else None
-    is_done = lambda g: finished(out / "cells" / name(g), spend)
+    config_of = lambda g: lambda result: methods.resolve(unlearn_overrides(args, g[2], out / "cells" / name(g),
+                                                                           result.get("coreset"), spend))
+    is_done = lambda g: finished(out / "cells" / name(g), spend, config_of(g))
     if args.retry_failed and not args.worker:
         queue.retry_failed(grid, name, is_done)
     if not args.report_only:

@@ -281,6 +281,15 @@ def is_previous_run(path) -> bool:
     return is_run_dir(path, {"run.json": None, "model": ckpt})
 
 
+def config_changes(record, cfg) -> list:
+    """The settings in which a finished run (its run.json record) differs from `cfg`, a config resolved now: [] for
+    the same run. A changed default (the toy's NPO recipe) shows here when the explicit arguments are the same. The
+    progress bar is not a setting; steps a budget rule resolves during the run count only when cfg fixes them."""
+    got = record.get("config") or {}
+    want = json.loads(json.dumps({"class": type(cfg).__name__, **asdict(cfg)}))
+    return [k for k, v in want.items() if k != "progress" and not (k == "steps" and v is None) and got.get(k) != v]
+
+
 def run(cfg, given=None, wrap_optimizer=None) -> dict:
     """One unlearning run from a resolved config (methods.resolve) -> the run record (also <out>/run.json).
     given: the settings the caller set explicitly (recorded as "args"; the full config as "config").

@@ -151,6 +151,41 @@ def test_sweep_refuses_cells_of_another_budget(tmp_path):
         S.finished(cell, {"epochs": 1.0})
 
 
+def test_finished_runs_are_reused_only_under_the_settings_resolved_now(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """A default that changes (the toy's NPO recipe did) changes the run: the sweep refuses a cell, and an analysis
+    retrains an arm, whose run.json was resolved otherwise, though its explicit arguments are the same."""
+    import arms
+    given = {"method": "npo", "model": tiny["model"], "forget": tiny["forget"], "retain": tiny["retain"],
+             "eval_tasks": "none", "progress": False, "seed": 0, "steps": 2, "lr": 1e-3}
+    rec = U.run(methods.resolve({**given, "out": str(tmp_path / "arms" / "a")}), given={**given,
+                                                                                       "out": str(tmp_path / "arms" / "a")})
+    cfg = methods.resolve({**given, "out": str(tmp_path / "arms" / "a")})
+    assert U.config_changes(rec, cfg) == []
+    assert U.config_changes(rec, methods.resolve({**given, "out": str(tmp_path / "arms" / "a"), "beta": 0.2})) == \
+        ["beta"]
+    assert U.config_changes(rec, methods.resolve({**given, "out": str(tmp_path / "arms" / "a"), "steps": None,
+                                                  "epochs": 1})) == ["epochs"]   # resolved steps are not compared
+    runs = []
+    real = U.run
+    monkeypatch.setattr(U, "run", lambda c, given=None: runs.append(c) or real(c, given=given))
+    common = {k: v for k, v in given.items() if k not in ("eval_tasks", "progress")}
+    arms.train_arms([("a", None, False)], common, tmp_path / "arms", False)
+    assert runs == []                                      # the same run: reused
+    defaults = methods.method_defaults   # the recipe's default moves under the same arguments
+    monkeypatch.setattr(methods, "method_defaults", lambda m, model=None: {**defaults(m, model), "beta": 0.3})
+    arms.train_arms([("a", None, False)], common, tmp_path / "arms", False)
+    assert len(runs) == 1 and runs[0].beta == 0.3
+
+    cell = tmp_path / "c"
+    (cell / "run").mkdir(parents=True)
+    (cell / "result.json").write_text(json.dumps({"policy": {"steps": 2}, "coreset": None}))
+    (cell / "run" / "run.json").write_text(json.dumps(rec))
+    assert S.finished(cell, {"steps": 2}, lambda result: cfg)
+    with pytest.raises(S.CoresetError, match=r"finished with other settings \(beta\)"):
+        S.finished(cell, {"steps": 2}, lambda result: methods.resolve({**given, "out": str(tmp_path / "arms" / "a"),
+                                                                      "beta": 0.2}))
+
+
 def test_budget_curve_evaluates_inside_both_runs(tiny, tmp_path, monkeypatch):
     """budget_curve.py: the full set and a coreset, the same steps, evaluated at steps 0, K, 2K, ... and the end;
     the step-0 point is the base model and the last equals the run's evaluation after training."""
