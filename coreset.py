@@ -234,16 +234,6 @@ def grand_npo_targets(cfg, n_layers):
     return layer_ids, params
 
 
-def check_targets(layer_ids, params):
-    """GraNd's hooks treat each named module as a linear layer, once: names among a decoder layer's linear layers,
-    each layer once."""
-    for name in params:
-        if name not in methods.MATRICES:
-            raise CoresetError(f"--params {name}: expected names among {', '.join(methods.MATRICES)}")
-    if len(set(layer_ids)) != len(layer_ids):
-        raise CoresetError(f"--layer-ids {','.join(map(str, layer_ids))}: expected each layer once")
-
-
 def load_model(cfg):
     try:
         return model_io.load(cfg.model, cfg.device, cfg.dtype)
@@ -257,7 +247,7 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
         return token_scores(model, tok, docs, cfg.max_length, cfg.batch_size, cfg.mink_k, cfg.progress)[cfg.method]
     if cfg.method == "grand" and cfg.grand_loss == "npo":   # the matrices NPO trains: no RMU settings
         layer_ids, params = grand_npo_targets(cfg, model.config.num_hidden_layers)
-        check_targets(layer_ids, params)
+        methods.check_matrices(layer_ids, params)
         return grand_scores(model, tok, docs, "npo", layer_ids=layer_ids, max_length=cfg.max_length,
                             batch_size=cfg.batch_size, progress=cfg.progress, params=params)
     if cfg.method == "grand":
@@ -269,7 +259,7 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
         c = losses.control_vector(model.config.hidden_size, per_topic(coeffs, n_files)[file_index], cfg.seed,
                                   file_index, model.lm_head_weight.dtype)
         params, masked = grand_rmu_loss_terms(cfg)
-        check_targets(layer_ids, params)
+        methods.check_matrices(layer_ids, params)
         return grand_scores(model, tok, docs, cfg.grand_loss, layer_id, layer_ids, c, cfg.max_length,
                             cfg.batch_size, cfg.progress, params=params, bos_id=tok.bos_token_id if masked else None)
     if cfg.method == "moderate":

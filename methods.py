@@ -411,15 +411,16 @@ def _check_rmu(cfg):
     if max(cfg.layer_ids) > cfg.layer_id or min(cfg.layer_ids) < 0:
         raise ConfigError(f"--layer-ids {','.join(map(str, cfg.layer_ids))}: expected layers in 0..--layer-id "
                           f"({cfg.layer_id}); later layers cannot change the steered activation")
-    _check_matrices(cfg)
+    check_matrices(cfg.layer_ids, cfg.params)
 
 
-def _check_matrices(cfg):
-    """--params names linear layers of a decoder layer, and --layer-ids names each layer once."""
-    if any(p not in MATRICES for p in cfg.params):
-        _fail("params", ",".join(cfg.params), "names among " + ", ".join(MATRICES))
-    if len(set(cfg.layer_ids)) != len(cfg.layer_ids):
-        _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), "each layer once")
+def check_matrices(layer_ids, params):
+    """--params names linear layers of a decoder layer, and --layer-ids names each layer once (what a run trains,
+    and what GraNd's hooks treat as linear layers, once each)."""
+    if any(p not in MATRICES for p in params):
+        _fail("params", ",".join(params), "names among " + ", ".join(MATRICES))
+    if len(set(layer_ids)) != len(layer_ids):
+        _fail("layer_ids", ",".join(map(str, layer_ids)), "each layer once")
 
 
 def _check_npo(cfg):
@@ -438,7 +439,7 @@ def _check_npo(cfg):
         if min(cfg.layer_ids) < 0 or (n is not None and max(cfg.layer_ids) >= n):
             _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), "layers of the model (0.." +
                   (f"{n - 1})" if n is not None else "the last)"))
-        _check_matrices(cfg)
+        check_matrices(cfg.layer_ids, cfg.params)
     elif cfg.layer_ids or cfg.params != list(MLP_MATRICES):
         flag = "layer_ids" if cfg.layer_ids else "params"
         _fail(flag, ",".join(map(str, getattr(cfg, flag))), f"none with --train-scope {cfg.train_scope} (the NPO "
@@ -542,6 +543,6 @@ def describe(cfg) -> str:
     return json.dumps({"config": type(cfg).__name__, **asdict(cfg)}, indent=2)
 
 
-__all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "method_defaults",
-           "toy_defaults", "is_toy", "toy_kind", "describe", "memory_estimate", "check_memory",
+__all__ = ["METHODS", "ConfigError", "UnlearnConfig", "RMUConfig", "NPOConfig", "resolve", "check", "check_matrices",
+           "method_defaults", "toy_defaults", "is_toy", "toy_kind", "describe", "memory_estimate", "check_memory",
            "check_device_memory"]
