@@ -217,6 +217,14 @@ def grand_rmu_loss_terms(cfg):
     return params, cfg.masked_loss if cfg.masked_loss is not None else d["masked_loss"]
 
 
+def npo_trained(train_scope, layer_ids, params, n_layers):
+    """(layers, matrices) an NPO run trains among the decoder layers' linear layers: --train-scope params' --params
+    of --layer-ids, else every projection of every layer."""
+    if train_scope == "params":
+        return list(layer_ids), list(params)
+    return list(range(n_layers)), list(methods.MATRICES)
+
+
 def grand_npo_targets(cfg, n_layers):
     """(layers, matrices) GraNd-NPO scores: the flags, else what NPO trains on this model (methods.method_defaults):
     --params of --layer-ids as --train-scope params trains them (its params default with layers given), or every
@@ -224,11 +232,11 @@ def grand_npo_targets(cfg, n_layers):
     if n_layers is None:
         raise CoresetError(f"--model {cfg.model}: config.json does not say num_hidden_layers")
     d = methods.method_defaults("npo", cfg.model)
-    scoped = d["train_scope"] == "params" or cfg.layer_ids is not None
-    layer_ids = split_list(cfg.layer_ids, "--layer-ids", int) if cfg.layer_ids is not None else \
-        d["layer_ids"] if scoped else list(range(n_layers))
-    params = split_list(cfg.params, "--params") if cfg.params is not None else \
-        d["params"] if scoped else list(methods.MATRICES)
+    layer_ids, params = npo_trained("params" if cfg.layer_ids is not None else d["train_scope"],
+                                    split_list(cfg.layer_ids, "--layer-ids", int) if cfg.layer_ids is not None
+                                    else d["layer_ids"], d["params"], n_layers)
+    if cfg.params is not None:
+        params = split_list(cfg.params, "--params")
     if not all(0 <= i < n_layers for i in layer_ids):
         raise CoresetError(f"--layer-ids {','.join(map(str, layer_ids))}: expected layers of the model (0..{n_layers - 1})")
     return layer_ids, params

@@ -166,11 +166,10 @@ def run_cell(args, sel, ratio, seed, sizes, cache, spend):
                 extra.update(layer_id=ucfg.layer_id, layer_ids=",".join(map(str, ucfg.layer_ids)),
                              steering_coeffs=",".join(map(str, ucfg.steering_coeffs)), params=",".join(ucfg.params),
                              masked_loss=ucfg.masked_loss)
-            else:   # the matrices this cell trains: --train-scope params' own, else every projection of every layer
-                scoped = ucfg.train_scope == "params"
-                extra.update(layer_ids=",".join(map(str, ucfg.layer_ids if scoped else
-                                                    range(methods.model_layers(args.model) or 0))),
-                             params=",".join(ucfg.params if scoped else methods.MATRICES))
+            else:   # the matrices this cell trains
+                layer_ids, params = coreset.npo_trained(ucfg.train_scope, ucfg.layer_ids, ucfg.params,
+                                                        methods.model_layers(args.model) or 0)
+                extra.update(layer_ids=",".join(map(str, layer_ids)), params=",".join(params))
         scfg = coreset.SelectConfig(method=sel, model=args.model, out=str(cdir / "selection" / "coreset.jsonl"),
                                     **{**common, **extra, **select_overrides(args.select_args)})
         selection = coreset.select(scfg, cache=cache)
