@@ -155,6 +155,7 @@ def test_finished_runs_are_reused_only_under_the_settings_resolved_now(tiny, tmp
     """A default that changes (the toy's NPO recipe did) changes the run: the sweep refuses a cell, and an analysis
     retrains an arm, whose run.json was resolved otherwise, though its explicit arguments are the same."""
     import arms
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # kernels' PyTorch path on CPU, whatever ran before
     given = {"method": "npo", "model": tiny["model"], "forget": tiny["forget"], "retain": tiny["retain"],
              "eval_tasks": "none", "progress": False, "seed": 0, "steps": 2, "lr": 1e-3}
     rec = U.run(methods.resolve({**given, "out": str(tmp_path / "arms" / "a")}), given={**given,
