@@ -237,8 +237,6 @@ def grand_npo_targets(cfg, n_layers):
                                     else d["layer_ids"], d["params"], n_layers)
     if cfg.params is not None:
         params = split_list(cfg.params, "--params")
-    if not all(0 <= i < n_layers for i in layer_ids):
-        raise CoresetError(f"--layer-ids {','.join(map(str, layer_ids))}: expected layers of the model (0..{n_layers - 1})")
     return layer_ids, params
 
 
@@ -255,7 +253,7 @@ def score_documents(cfg, model, tok, docs, file_index=0, n_files=1):
         return token_scores(model, tok, docs, cfg.max_length, cfg.batch_size, cfg.mink_k, cfg.progress)[cfg.method]
     if cfg.method == "grand" and cfg.grand_loss == "npo":   # the matrices NPO trains: no RMU settings
         layer_ids, params = grand_npo_targets(cfg, model.config.num_hidden_layers)
-        methods.check_matrices(layer_ids, params)
+        methods.check_matrices(layer_ids, params, model.config.num_hidden_layers)
         return grand_scores(model, tok, docs, "npo", layer_ids=layer_ids, max_length=cfg.max_length,
                             batch_size=cfg.batch_size, progress=cfg.progress, params=params)
     if cfg.method == "grand":

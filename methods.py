@@ -305,10 +305,10 @@ def _give_way(values: dict, given: dict, defaults: dict, reference) -> None:
                 values[k] = getattr(reference, k)
     one_run = values.get("order") == "file" or values.get("eval_every") or values.get("retain_loss") == "none" or \
         values.get("gamma") == 0
-    if "retain_orders" in values and "retain_orders" not in given and one_run and \
+    if "retain_orders" not in given and one_run and \
             {"order", "eval_every", "retain_loss", "gamma"} & set(given):
         values["retain_orders"] = 1
-    if values.get("retain_orders") == 1 and defaults.get("retain_orders", 1) > 1 and "update_scale" not in given:
+    if values["retain_orders"] == 1 and defaults["retain_orders"] > 1 and "update_scale" not in given:
         values["update_scale"] = reference.update_scale
 
 
@@ -414,13 +414,16 @@ def _check_rmu(cfg):
     check_matrices(cfg.layer_ids, cfg.params)
 
 
-def check_matrices(layer_ids, params):
-    """--params names linear layers of a decoder layer, and --layer-ids names each layer once (what a run trains,
-    and what GraNd's hooks treat as linear layers, once each)."""
+def check_matrices(layer_ids, params, n_layers=None):
+    """--params names linear layers of a decoder layer, and --layer-ids names each layer once, each a layer of the
+    model when n_layers is known (what a run trains, and what GraNd's hooks treat as linear layers, once each)."""
     if any(p not in MATRICES for p in params):
         _fail("params", ",".join(params), "names among " + ", ".join(MATRICES))
     if len(set(layer_ids)) != len(layer_ids):
         _fail("layer_ids", ",".join(map(str, layer_ids)), "each layer once")
+    if layer_ids and (min(layer_ids) < 0 or (n_layers is not None and max(layer_ids) >= n_layers)):
+        _fail("layer_ids", ",".join(map(str, layer_ids)), "layers of the model (0.." +
+              (f"{n_layers - 1})" if n_layers is not None else "the last)"))
 
 
 def _check_npo(cfg):
@@ -433,13 +436,9 @@ def _check_npo(cfg):
     if cfg.train_scope not in TRAIN_SCOPES:
         _fail("train_scope", cfg.train_scope, ", ".join(TRAIN_SCOPES[:-1]) + " or " + TRAIN_SCOPES[-1])
     if cfg.train_scope == "params":
-        n = model_layers(cfg.model)
         if not cfg.layer_ids or not cfg.params:
             _fail("layer_ids" if not cfg.layer_ids else "params", "''", "at least one, with --train-scope params")
-        if min(cfg.layer_ids) < 0 or (n is not None and max(cfg.layer_ids) >= n):
-            _fail("layer_ids", ",".join(map(str, cfg.layer_ids)), "layers of the model (0.." +
-                  (f"{n - 1})" if n is not None else "the last)"))
-        check_matrices(cfg.layer_ids, cfg.params)
+        check_matrices(cfg.layer_ids, cfg.params, model_layers(cfg.model))
     elif cfg.layer_ids or cfg.params != list(MLP_MATRICES):
         flag = "layer_ids" if cfg.layer_ids else "params"
         _fail(flag, ",".join(map(str, getattr(cfg, flag))), f"none with --train-scope {cfg.train_scope} (the NPO "

@@ -281,12 +281,17 @@ def is_previous_run(path) -> bool:
     return is_run_dir(path, {"run.json": None, "model": ckpt})
 
 
+def config_record(cfg) -> dict:
+    """run.json's "config": the resolved settings and their dataclass."""
+    return {"class": type(cfg).__name__, **asdict(cfg)}
+
+
 def config_changes(record, cfg) -> list:
     """The settings in which a finished run (its run.json record) differs from `cfg`, a config resolved now: [] for
     the same run. A changed default (the toy's NPO recipe) shows here when the explicit arguments are the same. The
     progress bar is not a setting; steps a budget rule resolves during the run count only when cfg fixes them."""
     got = record.get("config") or {}
-    want = json.loads(json.dumps({"class": type(cfg).__name__, **asdict(cfg)}))
+    want = json.loads(json.dumps(config_record(cfg)))
     return [k for k, v in want.items() if k != "progress" and not (k == "steps" and v is None) and got.get(k) != v]
 
 
@@ -419,7 +424,7 @@ def run(cfg, given=None, wrap_optimizer=None) -> dict:
             "checkpoint": str(out / "model") if cfg.save else None,
             "eval": {"tasks": cfg.eval_tasks, "settings": settings, "before": before, "before_cached": before_cached,
                      "after": None},
-            "config": {"class": type(cfg).__name__, **asdict(cfg)}, "retain_of": retain_of,
+            "config": config_record(cfg), "retain_of": retain_of,
         }
         with staged_dir(out) as stage:  # lands whole at the end of the block, or not at all
             if cfg.save:
